@@ -1,0 +1,317 @@
+"""Building blocks shared by the U-Net, the ControlNet and the VAE.
+
+Module and attribute names follow diffusers 0.42.1 so that state-dict keys are identical
+(``norm1``, ``conv1``, ``time_emb_proj``, ``to_q``, ``to_out.0``, ``ff.net.0.proj`` ...).
+Every GroupNorm(+SiLU) goes through ``ldm_engine.ops.group_norm_silu`` and every attention
+through ``ldm_engine.ops.attention`` (looked up at call time, so backends can be swapped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_engine import ops
+
+__all__ = [
+    "ConfigBase", "require", "per_block",
+    "timestep_embedding", "Timesteps", "TimestepEmbedding",
+    "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+    "Attention", "SpatialSelfAttention", "GEGLU", "FeedForward", "TransformerBlock", "Transformer2D",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+def _freeze(value: Any) -> Any:
+    """JSON lists -> tuples (nested), so configs are immutable-looking and comparable."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass
+class ConfigBase:
+    """Dataclass config whose fields are named like the diffusers config.json keys."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConfigBase":
+        """Build from a config.json dict; unknown keys (``_class_name``, ...) are ignored and
+        missing keys take diffusers' defaults."""
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: _freeze(v) for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ConfigBase":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def require(owner: str, key: str, value: Any, supported: tuple) -> None:
+    """Raise a ValueError naming the config key when ``value`` is not one of ``supported``."""
+    if value not in supported:
+        raise ValueError(f"{owner}: unsupported {key}={value!r} (supported: "
+                         f"{', '.join(repr(s) for s in supported)})")
+
+
+def per_block(owner: str, key: str, value: Any, num_blocks: int) -> list:
+    """An int (same for every block) or a sequence with one entry per block -> list."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * num_blocks
+    if isinstance(value, (tuple, list)) and len(value) == num_blocks and \
+            all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise ValueError(f"{owner}: {key}={value!r} must be an int or {num_blocks} ints (one per block)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time embedding
+# ---------------------------------------------------------------------------------------------
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (N,) -> (N, dim) float32, as diffusers' ``get_timestep_embedding``."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period))
+    freqs = torch.exp(exponent / (half - freq_shift))
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    emb = torch.cat([angles.cos(), angles.sin()] if flip_sin_to_cos else [angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class Timesteps(nn.Module):
+    """Parameter-free sinusoidal projection (diffusers' ``time_proj`` / ``add_time_proj``)."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(timesteps, self.dim, flip_sin_to_cos=self.flip_sin_to_cos,
+                                  freq_shift=self.freq_shift)
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutional blocks
+# ---------------------------------------------------------------------------------------------
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and keys) computed by ``ops.group_norm_silu``; ``silu=True``
+    fuses the SiLU that follows the norm in diffusers."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, *, silu: bool):
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, silu=self.silu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", silu={self.silu}"
+
+
+class ResnetBlock2D(nn.Module):
+    """GN+SiLU -> conv1 (+ time embedding) -> GN+SiLU -> conv2, plus a (1x1-conv) shortcut.
+
+    ``temb_act`` is the time embedding *after* SiLU: diffusers applies SiLU inside every block,
+    the models here apply it once per forward and hand the result to all blocks.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, groups: int,
+                 eps: float, output_scale_factor: float = 1.0):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(temb_act)[:, :, None, None]
+        h = self.conv2(self.norm2(h))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = shortcut + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. ``padding=0`` (VAE encoder) pads right/bottom by one, as diffusers does."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x upsampling (or to ``size``: odd skip sizes in the U-Net) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head attention on token sequences (B, L, C): self-attention, or cross-attention when
+    ``context_dim`` is given. Heads are laid out (B, H, L, D) for ``ops.attention``."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
+                 qkv_bias: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.scale = heads, head_dim, head_dim ** -0.5
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # diffusers: [Linear, Dropout]
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        out = ops.attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)
+        return self.to_out[0](out)
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE mid-block attention: GroupNorm, then single-head self-attention over the H*W
+    positions with C channels, plus the residual."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float):
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+        self.group_norm = GroupNorm(groups, channels, eps, silu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        tokens = self.group_norm(x).view(b, c, hgt * wid).transpose(1, 2)
+        out = super().forward(tokens)
+        return x + out.transpose(1, 2).view(b, c, hgt, wid)
+
+
+class GEGLU(nn.Module):
+    """proj -> (hidden, gate) -> hidden * gelu(gate)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner_dim * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward; ``net.1`` stands in for diffusers' Dropout so the output layer keeps
+    the key ``net.2``."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock (layer_norm type): self-attn, cross-attn, GEGLU FF, each
+    pre-LayerNorm with a residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+def _pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear or a 1x1 Conv2d to (B, L, C) tokens (a 1x1 conv is a linear map)."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens)
+
+
+class Transformer2D(nn.Module):
+    """diffusers' Transformer2DModel for continuous inputs: GroupNorm, proj_in (1x1 conv in SD1,
+    Linear with ``linear_projection``), transformer blocks, proj_out, residual."""
+
+    def __init__(self, channels: int, heads: int, *, num_layers: int, cross_attention_dim: int,
+                 groups: int, linear_projection: bool):
+        super().__init__()
+        head_dim = channels // heads
+        inner = heads * head_dim
+        self.norm = GroupNorm(groups, channels, 1e-6, silu=False)
+        if linear_projection:
+            self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2d(channels, inner, 1), nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, cross_attention_dim) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        # Both projection kinds run on (B, H*W, C) tokens: one permute in, one out.
+        tokens = _pointwise(self.proj_in, self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c))
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        out = _pointwise(self.proj_out, tokens)
+        return x + out.view(b, hgt, wid, c).permute(0, 3, 1, 2)
