@@ -1,0 +1,238 @@
+"""CLIP's byte-level BPE tokenizer, built on the ``tokenizers`` library.
+
+Gives the same ids as transformers' ``CLIPTokenizer`` (5.x) as the diffusers pipelines call it:
+``tokenizer(prompts, padding="max_length", max_length=77, truncation=True)``. The pipeline:
+
+* text is NFC-normalised, runs of whitespace become one space, then lower-cased (char by char);
+* CLIP's regex splits it into words: contractions ('s 't 're 've 'm 'll 'd), letter runs,
+  single digits, runs of other symbols; whitespace is dropped;
+* each word is mapped byte by byte to printable symbols and merged by BPE, its last symbol
+  carrying the end-of-word marker ``</w>``;
+* ``<|startoftext|>`` ... ``<|endoftext|>`` wrap the result.
+
+The special tokens -- and the pad token -- are matched in the raw text first, as transformers does.
+With SD2.x / SD-Turbo / SDXL's second tokenizer the pad token is "!", so a "!" in a prompt becomes
+id 0 (the pad id), not "!</w>" (256) as in OpenCLIP. That is what the reference pipelines feed the
+text encoder, so we do the same.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_MAX_LENGTH = 77
+SHIPPED_VOCAB_DIR = Path(__file__).resolve().parent / "data" / "clip"
+
+# CLIP's word split (OpenAI CLIP simple_tokenizer.py); the text is already lower case here.
+_CLIP_WORD_PATTERN = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+
+
+def _read_text(path: Path) -> str:
+    """Reads a UTF-8 text file, gunzipping it when its name ends in .gz."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
+def _find_file(path: str | Path) -> Path:
+    """``path`` itself, or ``path`` + ".gz" when only the compressed file exists."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    gz = path.with_name(path.name + ".gz")
+    if gz.is_file():
+        return gz
+    raise FileNotFoundError(f"tokenizer file not found: {path}")
+
+
+@lru_cache(maxsize=4)
+def _load_vocab_and_merges(vocab_path: Path, merges_path: Path):
+    """Parses vocab.json and merges.txt (cached: the shipped files are read once per process)."""
+    try:
+        vocab = json.loads(_read_text(vocab_path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{vocab_path} is not valid JSON: {e}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{vocab_path} must map token strings to integer ids")
+    merges = []
+    for line_no, line in enumerate(_read_text(merges_path).split("\n"), 1):
+        if not line or (line_no == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{merges_path}:{line_no}: expected two symbols separated by a space, got {line!r}")
+        merges.append((pair[0], pair[1]))
+    return vocab, merges
+
+
+def _token_content(value, name: str) -> str | None:
+    """A special token as saved by transformers: a string, or a dict with "content" (AddedToken)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"cannot read {name} from tokenizer config: {value!r}")
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer producing fixed-length (N, model_max_length) id tensors.
+
+    Build it with :meth:`from_pretrained` (a diffusers ``tokenizer/`` folder), :meth:`from_files`
+    or :meth:`default` (the standard CLIP vocabulary shipped with ldm_engine).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                 pad_token: str = EOS_TOKEN, model_max_length: int = DEFAULT_MAX_LENGTH,
+                 bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, unk_token: str = EOS_TOKEN):
+        if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 2:
+            raise ValueError(f"model_max_length must be an int >= 2 (room for bos and eos), got {model_max_length!r}")
+        for name, token in (("pad_token", pad_token), ("bos_token", bos_token),
+                            ("eos_token", eos_token), ("unk_token", unk_token)):
+            if not isinstance(token, str):
+                raise TypeError(f"{name} must be a str, got {type(token).__name__}")
+            if token not in vocab:
+                raise ValueError(f"{name} {token!r} is not in the vocabulary")
+
+        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk_token,
+                                  continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # ByteLevel's own GPT-2 split (use_regex) changes one case only, as in transformers: a
+        # "<|ENDOFTEXT|>" written in upper case reaches BPE as "<|", "endoftext", "|>".
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_CLIP_WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        tokenizer.decoder = decoders.ByteLevel()
+        # Matched in the raw text before normalisation, exactly like transformers' special tokens.
+        specials = dict.fromkeys([pad_token, bos_token, eos_token, unk_token])
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        self.bos_token_id = vocab[bos_token]
+        self.eos_token_id = vocab[eos_token]
+        self.pad_token_id = vocab[pad_token]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A {eos_token}",
+            special_tokens=[(bos_token, self.bos_token_id), (eos_token, self.eos_token_id)],
+        )
+        self._tokenizer = tokenizer
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.model_max_length = model_max_length
+        self.vocab_size = len(vocab)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_files(cls, vocab: str | Path, merges: str | Path, *, pad_token: str = EOS_TOKEN,
+                   model_max_length: int = DEFAULT_MAX_LENGTH, **special_tokens) -> CLIPTokenizer:
+        """From a vocab.json and a merges.txt (either may be gzipped: name ending in .gz)."""
+        vocab_dict, merge_list = _load_vocab_and_merges(_find_file(vocab).resolve(), _find_file(merges).resolve())
+        return cls(vocab_dict, merge_list, pad_token=pad_token, model_max_length=model_max_length, **special_tokens)
+
+    @classmethod
+    def default(cls, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+        """The standard CLIP vocabulary (OpenAI CLIP's BPE, shipped in ldm_engine/data/clip).
+
+        ``pad_token="!"`` for SD2.x / SD-Turbo and SDXL's second tokenizer, "<|endoftext|>" otherwise.
+        """
+        return cls.from_files(SHIPPED_VOCAB_DIR / "vocab.json.gz", SHIPPED_VOCAB_DIR / "merges.txt.gz",
+                              pad_token=pad_token)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> CLIPTokenizer:
+        """From a diffusers/transformers tokenizer folder: vocab.json, merges.txt, and
+        tokenizer_config.json and/or special_tokens_map.json for the special tokens and max length."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+        settings: dict = {}
+        # tokenizer_config.json wins over special_tokens_map.json, as in transformers.
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = folder / name
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} is not valid JSON: {e}") from None
+                if not isinstance(data, dict):
+                    raise ValueError(f"{path} must hold a JSON object")
+                for key in ("pad_token", "bos_token", "eos_token", "unk_token"):
+                    token = _token_content(data.get(key), key)
+                    if token is not None:
+                        settings[key] = token
+                if "model_max_length" in data:
+                    settings["model_max_length"] = data["model_max_length"]
+        max_length = settings.get("model_max_length", DEFAULT_MAX_LENGTH)
+        # transformers writes a huge float (1e30) for "unlimited"; CLIP's positions cap it at 77.
+        if isinstance(max_length, float) or (isinstance(max_length, int) and max_length > 10**6):
+            settings["model_max_length"] = DEFAULT_MAX_LENGTH
+        return cls.from_files(folder / "vocab.json", folder / "merges.txt", **settings)
+
+    # ---------------------------------------------------------------- use
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text``: bos + tokens + eos (no padding, no truncation)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` with special tokens left out (words joined by single spaces)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        text = self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return " ".join(text.replace("</w>", " ").split())
+
+    def __call__(self, prompts: str | list[str]) -> torch.LongTensor:
+        """(N, model_max_length) int64 ids: bos + tokens + eos, padded with ``pad_token_id``.
+
+        Prompts that are too long keep their first ``model_max_length - 2`` tokens and the eos;
+        one warning per call reports what was dropped.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, (list, tuple)):
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+        else:
+            raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+
+        length = self.model_max_length
+        out = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        if not prompts:
+            return out
+        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+        truncated = []  # (prompt index, dropped ids)
+        for row, encoding in enumerate(encodings):
+            ids = encoding.ids
+            if len(ids) > length:
+                truncated.append((row, ids[length - 1:-1]))
+                ids = ids[:length - 1] + [self.eos_token_id]
+            out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if truncated:
+            self._warn_truncated(truncated)
+        return out
+
+    def _warn_truncated(self, truncated: list[tuple[int, list[int]]]) -> None:
+        total = sum(len(dropped) for _, dropped in truncated)
+        details = "; ".join(f"prompt {row}: {len(dropped)} token(s): {self.decode(dropped)!r}"
+                            for row, dropped in truncated)
+        warnings.warn(
+            f"CLIP can only handle sequences up to {self.model_max_length} tokens: {total} token(s) were "
+            f"dropped from the end of {len(truncated)} prompt(s) ({details})",
+            UserWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, pad_token={self.pad_token!r}, "
+                f"model_max_length={self.model_max_length})")
