@@ -1,0 +1,360 @@
+"""Engine: text-to-image, img2img and ControlNet generation for SD1.x/2.x, SDXL and their Turbo variants.
+
+    engine = Engine.from_pretrained("stabilityai/sd-turbo")
+    result = engine.generate("a photo of a cat", seed=0)
+    result.images[0].save("cat.png"); print(result.timings)
+
+The pipeline follows the diffusers reference pipelines step by step (conditioning, latent
+preparation, classifier-free guidance, ControlNet residuals, VAE decoding), so the same weights
+and the same initial noise give the same image. Randomness: everything is drawn up front from a
+CPU ``torch.Generator`` seeded with ``seed``, in diffusers' order (VAE posterior sample for
+img2img, initial noise, then one draw per step for stochastic samplers), so with the same seed
+the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
+The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ldm_engine.errors import BackendUnavailableError, InvalidInputError
+from ldm_engine.pipeline import validation as check
+from ldm_engine.pipeline.conditioning import encode_prompts
+from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index
+from ldm_engine.pipeline.images import expand_batch, parse_image, postprocess
+from ldm_engine.pipeline.timing import StageTimer
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+MAX_SIZE = 4096
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerateResult:
+    images: Any                 # list[PIL.Image] | np.ndarray (N, H, W, 3) | torch.Tensor (N, 3, H, W)
+    timings: dict = field(default_factory=dict)   # ms: text_encoder, vae_encode, controlnet[], unet[], vae_decode, total
+    seed: int | None = None     # the seed used (drawn at random when none was given)
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidInputError(f"device {device!r} is not a valid torch device: {e}") from None
+
+
+def resolve_dtype(dtype, device: torch.device, *, prefer_bf16: bool = False) -> torch.dtype:
+    """None -> fp16 on CUDA (bf16 when the model asks for upcast attention and the GPU has bf16), fp32 elsewhere."""
+    if dtype is None:
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if prefer_bf16 and torch.cuda.is_bf16_supported() else torch.float16
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise InvalidInputError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch dtype, got {dtype!r}")
+        return _DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InvalidInputError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    return dtype
+
+
+def _check_scheduler_name(name):
+    from ldm_engine.samplers import SAMPLER_NAMES
+
+    if name is not None and name not in SAMPLER_NAMES:
+        raise InvalidInputError(f"scheduler must be None (the model's own) or one of {SAMPLER_NAMES}, got {name!r}")
+    return name
+
+
+def _module_dtype(module, fallback: torch.dtype) -> torch.dtype:
+    if isinstance(module, torch.nn.Module):
+        for p in module.parameters():
+            return p.dtype
+    return getattr(module, "dtype", fallback)
+
+
+class Engine:
+    """Holds the loaded networks; ``generate()`` runs the whole pipeline. Build with from_pretrained()."""
+
+    def __init__(self, components, controlnets: Sequence = (), *, device=None, dtype=None,
+                 scheduler: str | None = None, name: str | None = None, model_index: dict | None = None):
+        self.components = components
+        self.controlnets = list(controlnets)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.family = components.family
+        if self.family == "sdxl" and components.text_encoder_2 is None:
+            raise InvalidInputError("an SDXL pipeline needs text_encoder_2 and tokenizer_2")
+        unet_cfg, vae_cfg = components.unet.config, components.vae.config
+
+        vae = components.vae
+        # fp16 overflows in the SDXL (and SD2) VAE; diffusers runs it in fp32 when force_upcast is set.
+        if (self.dtype == torch.float16 and getattr(vae_cfg, "force_upcast", False)
+                and isinstance(vae, torch.nn.Module)):
+            vae.to(torch.float32)
+        self.vae_dtype = _module_dtype(vae, self.dtype)
+        self.unet_dtype = _module_dtype(components.unet, self.dtype)
+        self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.latent_channels = unet_cfg.in_channels
+        self.num_train_timesteps = int(components.scheduler_config.get("num_train_timesteps", 1000))
+
+        for i, net in enumerate(self.controlnets):
+            if net.config.cross_attention_dim != unet_cfg.cross_attention_dim:
+                raise InvalidInputError(
+                    f"controlnet[{i}] has cross_attention_dim {net.config.cross_attention_dim} but the model's U-Net "
+                    f"has {unet_cfg.cross_attention_dim}: it belongs to another model family")
+
+        self.name = name or str(components.source)
+        self.model_index = model_index if model_index is not None else read_model_index(components.source)
+        self.force_zeros_for_empty_prompt = bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+        self.defaults: Defaults = model_defaults(self.family, (self.name, components.source),
+                                                 components.scheduler_config, self.model_index,
+                                                 unet_cfg, self.vae_scale_factor)
+        self.scheduler = scheduler
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, backend: str = "torch",
+                        controlnet=None, scheduler: str | None = None, engine_dir=None,
+                        variant: str | None = None) -> Engine:
+        """Loads a diffusers-format pipeline (local folder or Hugging Face cache snapshot).
+
+        controlnet: a path / repo id, a loaded ControlNetModel, or a list of them (multi-ControlNet).
+        scheduler: a name from ldm_engine.samplers.SAMPLER_NAMES, or None for the model's own.
+        backend: "torch", or "onnxruntime" / "tensorrt" with ``engine_dir`` written by ldm_engine.export.
+        """
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_scheduler_name(scheduler)
+        device = resolve_device(device)
+        if backend == "torch":
+            from ldm_engine.loading import load_controlnet, load_pipeline
+
+            dtype = resolve_dtype(dtype, device, prefer_bf16=_wants_upcast_attention(path_or_repo_id))
+            comps = load_pipeline(path_or_repo_id, device=str(device), dtype=dtype, variant=variant)
+            specs = controlnet if isinstance(controlnet, (list, tuple)) else ([] if controlnet is None else [controlnet])
+            nets = [c if isinstance(c, torch.nn.Module) else load_controlnet(c, device=str(device), dtype=dtype)
+                    for c in specs]
+        else:
+            if engine_dir is None:
+                raise InvalidInputError(f"backend={backend!r} needs engine_dir (a folder written by ldm_engine.export)")
+            try:
+                from ldm_engine.export.runtime import load_exported_components
+            except ImportError as e:
+                raise BackendUnavailableError(
+                    f"backend {backend!r} is not available: ldm_engine.export.runtime cannot be imported ({e})") from None
+            comps, nets = load_exported_components(engine_dir, backend=backend, device=device)
+            if controlnet is not None and not nets:
+                raise InvalidInputError(f"controlnet was given but {engine_dir} holds no exported ControlNet")
+            dtype = resolve_dtype(dtype, device)
+        return cls(comps, nets, device=device, dtype=dtype, scheduler=scheduler, name=str(path_or_repo_id))
+
+    @property
+    def scheduler(self) -> str:
+        """The sampler name used by generate(); assign a name from SAMPLER_NAMES (or None) to switch."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, name: str | None) -> None:
+        from ldm_engine.samplers import default_sampler_name
+
+        _check_scheduler_name(name)
+        self._scheduler = name or default_sampler_name(self.components.scheduler_config)
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.name!r}, family={self.family}{'-turbo' if self.defaults.turbo else ''}, "
+                f"device={self.device}, dtype={self.dtype}, scheduler={self.scheduler}, "
+                f"controlnets={len(self.controlnets)})")
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt, *, negative_prompt=None, height=None, width=None, num_inference_steps=None,
+                 guidance_scale=None, seed=None, latents=None, image=None, strength=None, control_image=None,
+                 controlnet_conditioning_scale=1.0, num_images_per_prompt=1, output_type="pil") -> GenerateResult:
+        """Runs the pipeline; see the module docstring. Invalid arguments raise before any network runs."""
+        t_start = time.perf_counter()
+        args = self._check_args(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                seed, latents, image, strength, control_image, controlnet_conditioning_scale,
+                                num_images_per_prompt, output_type)
+        with torch.inference_mode():
+            return self._run(args, t_start)
+
+    def _check_args(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
+                    latents, image, strength, control_image, controlnet_conditioning_scale,
+                    num_images_per_prompt, output_type) -> dict:
+        from ldm_engine.samplers import build_schedule
+
+        d = self.defaults
+        prompts = check.check_prompts(prompt)
+        negatives = check.check_negative_prompts(negative_prompt, len(prompts))
+        n = check.check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        output_type = check.check_output_type(output_type)
+        seed = check.check_seed(seed)
+        guidance = d.guidance_scale if guidance_scale is None else check.check_guidance(guidance_scale)
+
+        init = None
+        if image is not None:
+            strength = d.strength if strength is None else check.check_strength(strength)
+            init = parse_image(image, "image")
+        elif strength is not None:
+            raise InvalidInputError("strength applies to img2img only: pass image= as well (or drop strength)")
+        if num_inference_steps is None:
+            steps = d.img2img_steps(strength) if init is not None else d.num_inference_steps
+        else:
+            steps = check.check_int("num_inference_steps", num_inference_steps, 1, self.num_train_timesteps)
+        if init is not None:
+            check.check_img2img_steps(steps, strength)
+
+        f = self.vae_scale_factor
+        if init is not None:  # like diffusers img2img: the image's own size, rounded down to the factor
+            ih, iw = init.size
+            default_h, default_w = max(ih - ih % f, f), max(iw - iw % f, f)
+        else:
+            default_h, default_w = d.height, d.width
+        height = default_h if height is None else check.check_size("height", height, f, f, MAX_SIZE)
+        width = default_w if width is None else check.check_size("width", width, f, f, MAX_SIZE)
+        if init is not None and init.batch_size not in (1, len(prompts), len(prompts) * n):
+            raise InvalidInputError(
+                f"image holds {init.batch_size} images; give 1, one per prompt ({len(prompts)}) "
+                f"or one per output image ({len(prompts) * n})")
+
+        controls = [parse_image(c, "control_image" if len(self.controlnets) == 1 else f"control_image[{i}]")
+                    for i, c in enumerate(check.check_control_images(control_image, len(self.controlnets)))]
+        for c in controls:
+            if c.batch_size not in (1, len(prompts), len(prompts) * n):
+                raise InvalidInputError(
+                    f"control_image holds {c.batch_size} images; give 1, one per prompt ({len(prompts)}) "
+                    f"or one per output image ({len(prompts) * n})")
+        scales = check.check_controlnet_scales(controlnet_conditioning_scale, len(self.controlnets))
+
+        shape = (len(prompts) * n, self.latent_channels, height // f, width // f)
+        if latents is not None:
+            latents = check.check_latents(latents, shape, self.device)
+
+        do_cfg = guidance > 1.0 and getattr(self.components.unet.config, "time_cond_proj_dim", None) is None
+        if negatives is not None and not do_cfg:
+            warnings.warn("negative_prompt is ignored: guidance_scale <= 1 turns classifier-free guidance off",
+                          UserWarning, stacklevel=3)
+        schedule = build_schedule(self.scheduler, self.components.scheduler_config, steps,
+                                  strength=strength if init is not None else None, device=self.device)
+        return dict(prompts=prompts, negatives=negatives, n=n, output_type=output_type,
+                    seed=secrets.randbits(63) if seed is None else seed, guidance=guidance, do_cfg=do_cfg,
+                    init=init, height=height, width=width, controls=controls, scales=scales, shape=shape,
+                    latents=latents, schedule=schedule)
+
+    def _run(self, a: dict, t_start: float) -> GenerateResult:
+        comps, dev, timer = self.components, self.device, StageTimer(self.device)
+        vae_cfg = comps.vae.config
+        scale = vae_cfg.scaling_factor
+        shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        schedule, shape, n_prompts, n = a["schedule"], a["shape"], len(a["prompts"]), a["n"]
+        # All randomness up front, on the CPU, in diffusers' order.
+        gen = torch.Generator("cpu").manual_seed(a["seed"])
+
+        def randn(shape_):
+            return torch.randn(shape_, generator=gen, dtype=torch.float32).to(dev)
+
+        m_text0 = timer.mark()
+        cond = encode_prompts(comps, a["prompts"], a["negatives"], do_cfg=a["do_cfg"], num_images_per_prompt=n,
+                              height=a["height"], width=a["width"],
+                              force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                              dtype=self.unet_dtype, device=dev)
+        m_text1 = timer.mark()
+
+        if a["init"] is not None:
+            pixels = a["init"].to_tensor(a["height"], a["width"]) * 2.0 - 1.0
+            mean, logvar = comps.vae.encode(pixels.to(dev, self.vae_dtype))
+            std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+            z = mean.float() + std * randn(mean.shape)          # latent_dist.sample(generator)
+            z = expand_batch((z - shift) * scale, n_prompts, n, "image")
+            noise = a["latents"].float() if a["latents"] is not None else randn(shape)
+            x = schedule.add_noise(z, noise)
+        else:
+            noise = a["latents"].float() if a["latents"] is not None else randn(shape)
+            x = noise * schedule.init_noise_sigma
+        m_enc = timer.mark()
+        noises = None
+        if schedule.needs_noise:
+            noises = torch.stack([randn(shape) for _ in range(len(schedule.timesteps))])
+
+        controls = []
+        for c in a["controls"]:
+            hint = expand_batch(c.to_tensor(a["height"], a["width"]), n_prompts, n, "control_image")
+            hint = hint.to(dev, self.unet_dtype)
+            controls.append(torch.cat([hint, hint]) if a["do_cfg"] else hint)
+
+        step_marks: list[tuple] = []
+        model_fn = self._model_fn(cond, controls, a["scales"], a["guidance"], a["do_cfg"], timer, step_marks)
+        from ldm_engine.samplers import sample
+
+        x0 = sample(schedule, model_fn, x, noises)
+        m_loop = timer.mark()
+
+        if a["output_type"] == "latent":
+            images = x0
+        else:
+            decoded = comps.vae.decode((x0 / scale + shift).to(self.vae_dtype))
+        m_dec = timer.mark()
+        timer.wait(m_dec)
+        if a["output_type"] != "latent":
+            images = postprocess(decoded, a["output_type"])
+
+        timings = {
+            "text_encoder": timer.ms(m_text0, m_text1),
+            "vae_encode": timer.ms(m_text1, m_enc) if a["init"] is not None else 0.0,
+            "controlnet": [timer.ms(s0, s1) for s0, s1, _ in step_marks] if self.controlnets else [],
+            "unet": [timer.ms(s1, s2) for _, s1, s2 in step_marks],
+            "vae_decode": timer.ms(m_loop, m_dec) if a["output_type"] != "latent" else 0.0,
+        }
+        timings["total"] = (time.perf_counter() - t_start) * 1000.0
+        return GenerateResult(images=images, timings=timings, seed=a["seed"])
+
+    def _model_fn(self, cond, controls, scales, guidance, do_cfg, timer, step_marks):
+        """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves."""
+        unet, nets, dtype = self.components.unet, self.controlnets, self.unet_dtype
+        ehs, text_embeds, time_ids = cond.encoder_hidden_states, cond.text_embeds, cond.time_ids
+
+        def model_fn(x, t):
+            m0 = timer.mark()
+            x_in = x.to(dtype)
+            if do_cfg:
+                x_in = torch.cat([x_in, x_in])
+            down = mid = None
+            for net, hint, s in zip(nets, controls, scales):
+                d, m = net(x_in, t, ehs, hint, conditioning_scale=s, text_embeds=text_embeds, time_ids=time_ids)
+                if down is None:
+                    down, mid = list(d), m
+                else:  # multi-ControlNet: residuals add up
+                    down, mid = [a + b for a, b in zip(down, d)], mid + m
+            m1 = timer.mark()
+            out = unet(x_in, t, ehs, text_embeds=text_embeds, time_ids=time_ids,
+                       down_block_additional_residuals=None if down is None else tuple(down),
+                       mid_block_additional_residual=mid)
+            if do_cfg:
+                uncond, cond_ = out.chunk(2)
+                out = uncond + guidance * (cond_ - uncond)
+            step_marks.append((m0, m1, timer.mark()))
+            return out.to(x.dtype)
+
+        return model_fn
+
+
+def _wants_upcast_attention(path_or_repo_id) -> bool:
+    """True when the U-Net config asks for fp32 attention (SD2.1-768): bf16 is the safer half type there."""
+    try:
+        import json
+
+        from ldm_engine.loading import resolve_model_path
+
+        cfg = json.loads((resolve_model_path(path_or_repo_id) / "unet" / "config.json").read_text())
+        return bool(cfg.get("upcast_attention"))
+    except Exception:  # noqa: BLE001 - only a preference; loading reports real problems
+        return False

@@ -1,0 +1,89 @@
+"""Per-model defaults for Engine.generate(): size, steps, guidance, img2img strength.
+
+Turbo (adversarially distilled: SD-Turbo, SDXL-Turbo) or not is decided as follows:
+  1. model_index.json may carry an explicit hint, ``"_ldm_engine_defaults": {"turbo": true, ...}``
+     (diffusers ignores keys starting with "_"); any of height, width, num_inference_steps,
+     guidance_scale and strength given there override the family values too;
+  2. otherwise a model is turbo when its scheduler uses ``timestep_spacing: "trailing"`` AND its
+     name (the repo id / path given, or the resolved folder) contains "turbo".
+
+Family values:
+  * turbo (SD-Turbo, SDXL-Turbo): 1 step, guidance 0 (no CFG); img2img strength 0.5 and just enough
+    steps for one denoising step (steps = ceil(1 / strength), 2 at strength 0.5, as the model cards);
+  * SD1.x / SD2.x: 25 steps, guidance 7.5, img2img strength 0.8;
+  * SDXL: 30 steps, guidance 5.0, img2img strength 0.8.
+Size: the U-Net's ``sample_size`` times the VAE factor -- 512 for SD1.5, SD-Turbo and SDXL-Turbo,
+768 for SD2.x-768, 1024 for SDXL base, and small sizes for tiny test models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+HINT_KEY = "_ldm_engine_defaults"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    turbo: bool
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    strength: float
+
+    def img2img_steps(self, strength: float) -> int:
+        """Default step count for img2img at ``strength``."""
+        if not self.turbo:
+            return self.num_inference_steps
+        steps = max(1, math.ceil(1.0 / strength))
+        while int(steps * strength) < 1:  # guard against float rounding
+            steps += 1
+        return steps
+
+
+def read_model_index(source) -> dict:
+    """model_index.json of a pipeline folder, or {} when there is none (or it is unreadable)."""
+    if source is None:
+        return {}
+    path = Path(source) / "model_index.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_turbo(names, scheduler_config: dict, model_index: dict) -> bool:
+    hint = model_index.get(HINT_KEY)
+    if isinstance(hint, dict) and isinstance(hint.get("turbo"), bool):
+        return hint["turbo"]
+    trailing = scheduler_config.get("timestep_spacing") == "trailing"
+    return trailing and any("turbo" in str(n).lower() for n in names if n)
+
+
+def _sample_size_px(unet_config, vae_factor: int) -> tuple[int, int]:
+    size = getattr(unet_config, "sample_size", None) or 64
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(h) * vae_factor, int(w) * vae_factor
+
+
+def model_defaults(family: str, names, scheduler_config: dict, model_index: dict,
+                   unet_config, vae_factor: int) -> Defaults:
+    turbo = is_turbo(names, scheduler_config, model_index)
+    height, width = _sample_size_px(unet_config, vae_factor)
+    if turbo:
+        d = Defaults(True, height, width, 1, 0.0, 0.5)
+    elif family == "sdxl":
+        d = Defaults(False, height, width, 30, 5.0, 0.8)
+    else:
+        d = Defaults(False, height, width, 25, 7.5, 0.8)
+    hint = model_index.get(HINT_KEY)
+    if isinstance(hint, dict):
+        overrides = {k: hint[k] for k in ("height", "width", "num_inference_steps", "guidance_scale", "strength")
+                     if k in hint}
+        d = replace(d, **overrides)
+    return d
