@@ -1,0 +1,154 @@
+"""diffusers-format folders: ``model_index.json`` plus ``unet/ vae/ text_encoder/ tokenizer/
+scheduler/`` (and ``text_encoder_2/ tokenizer_2/`` for SDXL); weights as single files, sharded
+index files, or ``variant`` files such as ``*.fp16.safetensors``. Also ControlNet folders
+(``config.json`` + weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ldm_engine.errors import CheckpointError
+from ldm_engine.loading import checkpoint_keys as keys
+from ldm_engine.loading.build import LoadPlan, open_weights, pickle_refusal
+from ldm_engine.loading.components import (
+    PAD_TOKENS, Components, assemble, controlnet_factory, default_tokenizer, family_from_unet_config,
+    folder_tokenizer, read_json, text_encoder_factory, unet_factory, vae_factory,
+)
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers, transformers
+PICKLE_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+FALLBACK_VARIANT = "fp16"
+
+
+def is_diffusers_pipeline_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file())
+
+
+def _index_shards(index_path: Path) -> list[Path]:
+    index = read_json(index_path, "sharded-weights index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: sharded-weights index has no weight_map")
+    shards = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    absent = [s.name for s in shards if not s.is_file()]
+    if absent:
+        raise CheckpointError(f"{index_path}: the index lists shard files that are missing: "
+                              f"{', '.join(absent[:20])} (an incomplete download?)")
+    return shards
+
+
+def _candidates(stem: str, variant: str | None) -> tuple[list[str], list[str]]:
+    if variant is None:
+        return [f"{stem}.safetensors"], [f"{stem}.safetensors.index.json"]
+    # diffusers/transformers put the variant before the last suffix of the index name.
+    return [f"{stem}.{variant}.safetensors"], [f"{stem}.safetensors.index.{variant}.json",
+                                               f"{stem}.{variant}.safetensors.index.json"]
+
+
+def find_weight_files(folder: Path, variant: str | None, *, allow_pickle: bool = False) -> list[Path]:
+    """The weight file(s) of one component folder. ``variant=None`` prefers the plain files and
+    falls back to the fp16 variant; an explicit variant must exist."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: component folder not found")
+    variants = [variant] if variant is not None else [None, FALLBACK_VARIANT]
+    looked = []
+    for v in variants:
+        for stem in WEIGHT_STEMS:
+            singles, indexes = _candidates(stem, v)
+            for name in singles:
+                looked.append(name)
+                if (folder / name).is_file():
+                    return [folder / name]
+            for name in indexes:
+                looked.append(name)
+                if (folder / name).is_file():
+                    return _index_shards(folder / name)
+    for name in PICKLE_WEIGHTS:
+        if (folder / name).is_file() and variant is None:
+            if allow_pickle:
+                return [folder / name]
+            raise pickle_refusal(folder / name)
+    present = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(looked)}); "
+                          f"the folder holds: {', '.join(present) or 'nothing'}")
+
+
+def _component_plan(name: str, folder: Path, mapper, variant, allow_pickle, readers) -> LoadPlan:
+    files = find_weight_files(folder, variant, allow_pickle=allow_pickle)
+    opened = []
+    for f in files:
+        r = open_weights(f, allow_pickle=allow_pickle)
+        readers.append(r)
+        opened.append(r)
+    return LoadPlan(name, []).add(opened, mapper)
+
+
+def _text_encoder_has_projection(model_index: dict, name: str, folder: Path, config: dict) -> bool:
+    entry = model_index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        return entry[1] == "CLIPTextModelWithProjection"
+    return "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+
+
+def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dtype,
+                            variant: str | None = None, allow_pickle: bool = False) -> Components:
+    model_index = read_json(root / "model_index.json", "model_index") if (root / "model_index.json").is_file() else {}
+    unet_config = read_json(root / "unet" / "config.json")
+    te_config_path = root / "text_encoder" / "config.json"
+    family = family_from_unet_config(unet_config, str(root / "unet" / "config.json"),
+                                     read_json(te_config_path) if te_config_path.is_file() else None)
+    if family == "sdxl" and not (root / "text_encoder").is_dir():
+        raise CheckpointError(f"{root}: an SDXL pipeline without text_encoder/ (an SDXL refiner?) "
+                              "is not supported")
+    vae_config = read_json(root / "vae" / "config.json")
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+
+    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    readers: list = []
+    try:
+        specs = {
+            "unet": (unet_factory(unet_config, str(root / "unet")),
+                     _component_plan("unet", root / "unet", keys.diffusers_key, variant, allow_pickle, readers)),
+            "vae": (vae_factory(vae_config, str(root / "vae")),
+                    _component_plan("vae", root / "vae", keys.diffusers_vae_key, variant, allow_pickle, readers)),
+        }
+        configs = {"unet": unet_config, "vae": vae_config}
+        for name in encoders:
+            cfg = read_json(root / name / "config.json")
+            projection = _text_encoder_has_projection(model_index, name, root / name, cfg)
+            specs[name] = (text_encoder_factory(cfg, str(root / name), with_projection=projection),
+                           _component_plan(name, root / name, keys.clip_key, variant, allow_pickle, readers))
+            configs[name] = cfg
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    models = assemble(specs, dtype=dtype, device=device, readers=readers)
+
+    tokenizers = []
+    for i, name in enumerate(["tokenizer", "tokenizer_2"][:len(encoders)]):
+        folder = root / name
+        tokenizers.append(folder_tokenizer(folder) if folder.is_dir() else default_tokenizer(PAD_TOKENS[family][i]))
+    return Components(
+        family=family, unet=models["unet"], vae=models["vae"],
+        text_encoder=models["text_encoder"], tokenizer=tokenizers[0],
+        text_encoder_2=models.get("text_encoder_2"), tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+        scheduler_config=scheduler_config, source=str(root), configs=configs,
+    )
+
+
+def load_diffusers_controlnet(folder: Path, *, device: torch.device, dtype: torch.dtype,
+                              variant: str | None = None, allow_pickle: bool = False):
+    config = read_json(folder / "config.json")
+    readers: list = []
+    try:
+        plan = _component_plan("controlnet", folder, keys.diffusers_key, variant, allow_pickle, readers)
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    specs = {"controlnet": (controlnet_factory(config, str(folder)), plan)}
+    return assemble(specs, dtype=dtype, device=device, readers=readers)["controlnet"]
+
