@@ -10,10 +10,11 @@ Gives the same ids as transformers' ``CLIPTokenizer`` (5.x) as the diffusers pip
   carrying the end-of-word marker ``</w>``;
 * ``<|startoftext|>`` ... ``<|endoftext|>`` wrap the result.
 
-The special tokens -- and the pad token -- are matched in the raw text first, as transformers does.
-With SD2.x / SD-Turbo / SDXL's second tokenizer the pad token is "!", so a "!" in a prompt becomes
-id 0 (the pad id), not "!</w>" (256) as in OpenCLIP. That is what the reference pipelines feed the
-text encoder, so we do the same.
+Special tokens are cut out before BPE, with the matching rules of the published tokenizer configs:
+bos/eos in the normalised text (so "<|ENDOFTEXT|>" is the eos), the pad token "!" verbatim. With
+SD2.x / SD-Turbo / SDXL's second tokenizer the pad token is "!", so a "!" in a prompt becomes id 0
+(the pad id), not "!</w>" (256) as in OpenCLIP. That is what the reference pipelines feed the text
+encoder, so we do the same.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ class CLIPTokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
                  pad_token: str = EOS_TOKEN, model_max_length: int = DEFAULT_MAX_LENGTH,
-                 bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, unk_token: str = EOS_TOKEN):
+                 bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, unk_token: str = EOS_TOKEN,
+                 added_tokens: list[dict] | None = None):
+        """``added_tokens``: entries like transformers' ``added_tokens_decoder`` values plus "id"
+        (content, id, special, normalized, lstrip, rstrip, single_word). They set how the special
+        tokens are matched, and tokens beyond the vocabulary (textual inversion) get their ids."""
         if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 2:
             raise ValueError(f"model_max_length must be an int >= 2 (room for bos and eos), got {model_max_length!r}")
         for name, token in (("pad_token", pad_token), ("bos_token", bos_token),
@@ -117,9 +122,7 @@ class CLIPTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
         tokenizer.decoder = decoders.ByteLevel()
-        # Matched in the raw text before normalisation, exactly like transformers' special tokens.
-        specials = dict.fromkeys([pad_token, bos_token, eos_token, unk_token])
-        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        self._add_tokens(tokenizer, vocab, [pad_token, bos_token, eos_token, unk_token], added_tokens or [])
         self.bos_token_id = vocab[bos_token]
         self.eos_token_id = vocab[eos_token]
         self.pad_token_id = vocab[pad_token]
@@ -130,15 +133,47 @@ class CLIPTokenizer:
         self._tokenizer = tokenizer
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.model_max_length = model_max_length
-        self.vocab_size = len(vocab)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def _add_tokens(tokenizer: Tokenizer, vocab: dict[str, int], specials: list[str], entries: list[dict]):
+        """Registers the special tokens (cut out of the text before BPE) and any extra added tokens.
+
+        Defaults are those of the published CLIP tokenizer configs: bos/eos are matched in the
+        normalised (lower-cased) text, so "<|ENDOFTEXT|>" is the eos too; any other special token
+        (the pad "!") only verbatim.
+        """
+        flags = {t: dict(special=True, normalized=t in (BOS_TOKEN, EOS_TOKEN)) for t in specials}
+        extra = []  # tokens beyond the vocabulary, as (id, content)
+        for entry in entries:
+            content = entry.get("content")
+            token_id = entry.get("id", vocab.get(content) if isinstance(content, str) else None)
+            if not isinstance(content, str) or not isinstance(token_id, int):
+                raise ValueError(f"added token entries need a str 'content' and an int 'id', got {entry!r}")
+            if content in vocab and vocab[content] != token_id:
+                raise ValueError(f"added token {content!r} has id {token_id} but the vocabulary says {vocab[content]}")
+            flags[content] = {k: bool(entry[k]) for k in ("special", "normalized", "lstrip", "rstrip", "single_word")
+                              if k in entry}
+            flags[content].setdefault("special", content in specials)
+            if content not in vocab:
+                extra.append((token_id, content))
+        extra.sort()
+        for offset, (token_id, content) in enumerate(extra):
+            if token_id != len(vocab) + offset:
+                raise ValueError(f"added token {content!r} has id {token_id}; expected {len(vocab) + offset} "
+                                 f"(added tokens must follow the {len(vocab)}-token vocabulary without gaps)")
+        tokens = [AddedToken(content, **kw) for content, kw in flags.items() if content in vocab]
+        tokens += [AddedToken(content, **flags[content]) for _, content in extra]
+        tokenizer.add_tokens(tokens)  # ids of in-vocabulary tokens are kept; extras are appended in order
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_files(cls, vocab: str | Path, merges: str | Path, *, pad_token: str = EOS_TOKEN,
-                   model_max_length: int = DEFAULT_MAX_LENGTH, **special_tokens) -> CLIPTokenizer:
-        """From a vocab.json and a merges.txt (either may be gzipped: name ending in .gz)."""
+                   model_max_length: int = DEFAULT_MAX_LENGTH, **options) -> CLIPTokenizer:
+        """From a vocab.json and a merges.txt (either may be gzipped: name ending in .gz).
+        ``options``: bos_token, eos_token, unk_token, added_tokens (see the constructor)."""
         vocab_dict, merge_list = _load_vocab_and_merges(_find_file(vocab).resolve(), _find_file(merges).resolve())
-        return cls(vocab_dict, merge_list, pad_token=pad_token, model_max_length=model_max_length, **special_tokens)
+        return cls(vocab_dict, merge_list, pad_token=pad_token, model_max_length=model_max_length, **options)
 
     @classmethod
     def default(cls, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
@@ -152,27 +187,45 @@ class CLIPTokenizer:
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> CLIPTokenizer:
         """From a diffusers/transformers tokenizer folder: vocab.json, merges.txt, and
-        tokenizer_config.json and/or special_tokens_map.json for the special tokens and max length."""
+        tokenizer_config.json and/or special_tokens_map.json for the special tokens, how they are
+        matched, and the max length (added_tokens.json / added_tokens_decoder: extra tokens)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {folder}")
         settings: dict = {}
-        # tokenizer_config.json wins over special_tokens_map.json, as in transformers.
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        added: dict[str, dict] = {}  # content -> added-token entry
+        # Later files win: tokenizer_config.json over special_tokens_map.json, as in transformers.
+        for name in ("added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"):
             path = folder / name
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} is not valid JSON: {e}") from None
-                if not isinstance(data, dict):
-                    raise ValueError(f"{path} must hold a JSON object")
-                for key in ("pad_token", "bos_token", "eos_token", "unk_token"):
-                    token = _token_content(data.get(key), key)
-                    if token is not None:
-                        settings[key] = token
-                if "model_max_length" in data:
-                    settings["model_max_length"] = data["model_max_length"]
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path} must hold a JSON object")
+            if name == "added_tokens.json":  # older format: {content: id}
+                added.update({content: {"content": content, "id": i} for content, i in data.items()})
+                continue
+            for key in ("pad_token", "bos_token", "eos_token", "unk_token"):
+                value = data.get(key)
+                token = _token_content(value, key)
+                if token is not None:
+                    settings[key] = token
+                if isinstance(value, dict):  # an AddedToken: carries its matching flags
+                    added[token] = {**added.get(token, {}), **value}
+            decoder = data.get("added_tokens_decoder") or {}
+            if not isinstance(decoder, dict):
+                raise ValueError(f"{path}: added_tokens_decoder must be an object")
+            for token_id, entry in decoder.items():
+                if not isinstance(entry, dict) or not str(token_id).isdigit():
+                    raise ValueError(f"{path}: bad added_tokens_decoder entry {token_id!r}: {entry!r}")
+                added[entry.get("content")] = {**entry, "id": int(token_id)}
+            if "model_max_length" in data:
+                settings["model_max_length"] = data["model_max_length"]
+        if added:
+            settings["added_tokens"] = list(added.values())
         max_length = settings.get("model_max_length", DEFAULT_MAX_LENGTH)
         # transformers writes a huge float (1e30) for "unlimited"; CLIP's positions cap it at 77.
         if isinstance(max_length, float) or (isinstance(max_length, int) and max_length > 10**6):

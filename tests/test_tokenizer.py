@@ -22,6 +22,34 @@ REPO = Path(__file__).resolve().parent.parent
 BOS, EOS = 49406, 49407
 PAD_TOKENS = {"<|endoftext|>": EOS, "!": 0}
 
+
+def added_token(content, normalized):
+    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False,
+            "single_word": False, "special": True}
+
+
+# tokenizer_config.json bodies: the published SD1.x/SDXL and SD2.x/SDXL-2 ones (bos/eos matched in the
+# normalised text, "!" verbatim), and one where every special token must be written verbatim.
+SETUPS = {
+    "clip-l": ("<|endoftext|>", {"49406": added_token("<|startoftext|>", True),
+                                 "49407": added_token("<|endoftext|>", True)}),
+    "openclip": ("!", {"0": added_token("!", False), "49406": added_token("<|startoftext|>", True),
+                       "49407": added_token("<|endoftext|>", True)}),
+    "verbatim": ("!", {"0": added_token("!", False), "49406": added_token("<|startoftext|>", False),
+                       "49407": added_token("<|endoftext|>", False)}),
+}
+
+
+def tokenizer_folder(root: Path, vocab_dir: Path, setup: str) -> Path:
+    pad_token, decoder = SETUPS[setup]
+    folder = root / setup
+    shutil.copytree(vocab_dir, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": decoder, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": pad_token, "unk_token": "<|endoftext|>", "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}))
+    return folder
+
 HANDWRITTEN = [
     # plain and mixed case
     "a photo of a cat", "A Photo Of A CAT", "an astronaut riding a horse on mars, 4k, trending on artstation",
@@ -101,10 +129,11 @@ def plain_vocab_dir(tmp_path_factory):
 # ----------------------------------------------------------------------------- reference BPE
 class ReferenceCLIPBPE:
     """OpenAI CLIP's BPE in plain Python (rank-greedy merges over each word), with transformers'
-    text handling: special tokens and the pad token are cut out of the raw text first; then NFC,
-    whitespace runs -> " ", char-by-char lowercase (no final-sigma rule), CLIP's word split."""
+    text handling: special tokens matched verbatim are cut out of the raw text; the rest is NFC'd,
+    whitespace runs -> " ", lower-cased char by char (no final-sigma rule), the normalised special
+    tokens are cut out, and CLIP's word split runs on what is left."""
 
-    def __init__(self, folder: Path, pad_token: str):
+    def __init__(self, folder: Path, pad_token: str, normalized_specials=("<|startoftext|>", "<|endoftext|>")):
         regex = pytest.importorskip("regex")
         self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
@@ -112,9 +141,9 @@ class ReferenceCLIPBPE:
         printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
         others = [b for b in range(256) if b not in printable]
         self.byte_symbol = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-        specials = sorted({"<|startoftext|>", "<|endoftext|>", pad_token}, key=len, reverse=True)
-        self.special_split = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
-        self.specials = set(specials)
+        specials = {"<|startoftext|>", "<|endoftext|>", pad_token}
+        self.verbatim_split = self.split_on(regex, specials - set(normalized_specials))
+        self.normalized_split = self.split_on(regex, specials & set(normalized_specials))
         self.whitespace = regex.compile(r"\p{White_Space}+")
         self.words = regex.compile(
             r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\p{White_Space}\p{L}\p{N}]+")
@@ -122,6 +151,13 @@ class ReferenceCLIPBPE:
         # that were not matched as special tokens (e.g. written in upper case).
         self.gpt2_words = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\p{White_Space}\p{L}\p{N}]+")
         self.cache = {}
+
+    @staticmethod
+    def split_on(regex, tokens):
+        """str -> list of pieces, the tokens kept as their own pieces."""
+        if not tokens:
+            return lambda text: [text]
+        return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens)) + ")").split
 
     def bpe(self, word: str) -> list[str]:
         if word in self.cache:
@@ -146,12 +182,17 @@ class ReferenceCLIPBPE:
 
     def encode(self, text: str) -> list[int]:
         ids = [BOS]
-        for chunk in self.special_split.split(text):
-            if chunk in self.specials:
+        chunks = []  # (is a special token, text)
+        for i, raw in enumerate(self.verbatim_split(text)):
+            if i % 2:  # re.split puts the separators at odd indices
+                chunks.append((True, raw))
+            else:
+                normalized = "".join(c.lower() for c in self.whitespace.sub(" ", unicodedata.normalize("NFC", raw)))
+                chunks.extend((j % 2 == 1, piece) for j, piece in enumerate(self.normalized_split(normalized)))
+        for special, chunk in chunks:
+            if special:
                 ids.append(self.vocab[chunk])
                 continue
-            chunk = unicodedata.normalize("NFC", chunk)
-            chunk = "".join(c.lower() for c in self.whitespace.sub(" ", chunk))
             for word in (w for clip_word in self.words.findall(chunk) for w in self.gpt2_words.findall(clip_word)):
                 word = "".join(self.byte_symbol[b] for b in word.encode("utf-8"))
                 ids.extend(self.vocab[s] for s in self.bpe(word))
@@ -193,36 +234,65 @@ def test_shipped_vocabulary_files():
     assert (SHIPPED_VOCAB_DIR / "LICENSE").is_file()
 
 
-@pytest.mark.parametrize("pad_token", list(PAD_TOKENS))
-def test_matches_transformers(plain_vocab_dir, pad_token):
-    transformers = pytest.importorskip("transformers")
-    reference = transformers.CLIPTokenizer.from_pretrained(str(plain_vocab_dir), pad_token=pad_token)
-    expected = reference(CORPUS, padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
-    tok = CLIPTokenizer.from_files(plain_vocab_dir / "vocab.json", plain_vocab_dir / "merges.txt",
-                                   pad_token=pad_token)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = tok(CORPUS)
-    assert got.dtype == torch.long and got.shape == (len(CORPUS), 77)
+def assert_same_rows(got: torch.Tensor, expected: torch.Tensor):
+    assert got.dtype == torch.long and got.shape == expected.shape == (len(CORPUS), 77)
     mismatches = [(p, got[i].tolist(), expected[i].tolist()) for i, p in enumerate(CORPUS)
                   if not torch.equal(got[i], expected[i])]
     assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[0]}"
-    for prompt in CORPUS[:: 7]:
+
+
+def batch(tok: CLIPTokenizer) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long prompts warn
+        return tok(CORPUS)
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_matches_transformers(plain_vocab_dir, tmp_path, setup):
+    transformers = pytest.importorskip("transformers")
+    folder = tokenizer_folder(tmp_path, plain_vocab_dir, setup)
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    expected = reference(CORPUS, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    tok = CLIPTokenizer.from_pretrained(folder)
+    assert tok.pad_token_id == reference.pad_token_id
+    assert_same_rows(batch(tok), expected)
+    for prompt in CORPUS[::7]:
         assert tok.encode(prompt) == reference(prompt).input_ids
+    if setup != "verbatim":  # the shipped vocabulary with the published configs' rules
+        assert_same_rows(batch(CLIPTokenizer.default(pad_token=SETUPS[setup][0])), expected)
 
 
-@pytest.mark.parametrize("pad_token", list(PAD_TOKENS))
-def test_matches_reference_python_bpe(plain_vocab_dir, pad_token):
-    reference = ReferenceCLIPBPE(plain_vocab_dir, pad_token)
-    tok = CLIPTokenizer.default(pad_token=pad_token)
+def test_matches_transformers_without_config(plain_vocab_dir):
+    """transformers built from the files alone matches every special token verbatim."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.CLIPTokenizer.from_pretrained(str(plain_vocab_dir), pad_token="!")
+    expected = reference(CORPUS, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    verbatim = [{"content": t, "normalized": False} for t in ("<|startoftext|>", "<|endoftext|>", "!")]
+    tok = CLIPTokenizer.from_files(plain_vocab_dir / "vocab.json", plain_vocab_dir / "merges.txt",
+                                   pad_token="!", added_tokens=verbatim)
+    assert_same_rows(batch(tok), expected)
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_matches_reference_python_bpe(plain_vocab_dir, tmp_path, setup):
+    pad_token, decoder = SETUPS[setup]
+    normalized = [entry["content"] for entry in decoder.values() if entry["normalized"]]
+    reference = ReferenceCLIPBPE(plain_vocab_dir, pad_token, normalized)
+    tok = CLIPTokenizer.from_pretrained(tokenizer_folder(tmp_path, plain_vocab_dir, setup))
     mismatches = [(p, tok.encode(p), reference.encode(p)) for p in CORPUS if tok.encode(p) != reference.encode(p)]
     assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[0]}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = tok(CORPUS)
-    pad_id = PAD_TOKENS[pad_token]
-    assert got.tolist() == [padded(reference.encode(p), pad_id) for p in CORPUS]
+    expected = torch.tensor([padded(reference.encode(p), PAD_TOKENS[pad_token]) for p in CORPUS])
+    assert_same_rows(batch(tok), expected)
+
+
+def test_special_tokens_written_in_the_prompt():
+    tok = CLIPTokenizer.default()
+    cat = tok.encode("cat", add_special_tokens=False)
+    assert tok.encode("cat<|endoftext|>cat") == [BOS, *cat, EOS, *cat, EOS]
+    assert tok.encode("<|ENDOFTEXT|> cat") == [BOS, EOS, *cat, EOS]  # published rule: matched lower-cased
+    assert len(tok.encode("<|endoftext")) > 3
 
 
 def test_pad_token_bang_in_text_becomes_pad_id():
@@ -308,4 +378,25 @@ def test_from_pretrained_reads_pad_token_and_max_length(plain_vocab_dir, tmp_pat
 
     (folder / "merges.txt").unlink()
     with pytest.raises(FileNotFoundError, match="merges.txt"):
+        CLIPTokenizer.from_pretrained(folder)
+
+
+def test_added_tokens_beyond_the_vocabulary(plain_vocab_dir, tmp_path):
+    """Textual-inversion tokenizers list their new tokens in added_tokens_decoder."""
+    transformers = pytest.importorskip("transformers")
+    folder = tokenizer_folder(tmp_path, plain_vocab_dir, "openclip")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["49408"] = {**added_token("<cat-toy>", True), "special": False}
+    config["added_tokens_decoder"]["49409"] = {**added_token("<Style>", False), "special": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    tok = CLIPTokenizer.from_pretrained(folder)
+    assert tok.vocab_size == len(reference) == 49410
+    for prompt in ["a <cat-toy> on a beach", "A <CAT-TOY>!", "in <Style> and <style>", "<cat-toy><cat-toy>x"]:
+        assert tok.encode(prompt) == reference(prompt).input_ids
+    assert tok.encode("<cat-toy>")[1] == 49408
+
+    config["added_tokens_decoder"]["49411"] = config["added_tokens_decoder"].pop("49409")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="without gaps"):
         CLIPTokenizer.from_pretrained(folder)
