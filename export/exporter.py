@@ -8,6 +8,7 @@ end, so an interrupted export is never loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -326,6 +327,10 @@ def _write_side_files(out: Path, comps, controlnets, manifest: dict):
         atomic_write_json(configs / f"{name}.json", _config_dict(cfg))
         record_file(manifest, out, f"configs/{name}.json", f"model config of {name}")
     atomic_write_json(configs / "scheduler_config.json", dict(comps.scheduler_config))
+    model_index = Path(comps.source) / "model_index.json"
+    if model_index.is_file():  # the Engine reads pipeline flags from it (force_zeros_for_empty_prompt, hints)
+        atomic_write_json(out / "model_index.json", json.loads(model_index.read_text()))
+        record_file(manifest, out, "model_index.json", "the source pipeline's model_index.json")
     record_file(manifest, out, "configs/scheduler_config.json", "scheduler config (diffusers scheduler_config.json)")
     for name, tok in (("tokenizer", comps.tokenizer), ("tokenizer_2", comps.tokenizer_2)):
         if tok is None:
