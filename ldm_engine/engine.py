@@ -213,26 +213,25 @@ class Engine:
         if init is not None:
             check.check_img2img_steps(steps, strength)
 
+        controls = [parse_image(c, "control_image" if len(self.controlnets) == 1 else f"control_image[{i}]")
+                    for i, c in enumerate(check.check_control_images(control_image, len(self.controlnets)))]
+        for what, batch in [("image", init)] + [("control_image", c) for c in controls]:
+            if batch is not None and batch.batch_size not in (1, len(prompts), len(prompts) * n):
+                raise InvalidInputError(
+                    f"{what} holds {batch.batch_size} images; give 1, one per prompt ({len(prompts)}) "
+                    f"or one per output image ({len(prompts) * n})")
+
+        # Default size, as the diffusers pipelines: the init image's, else the (first) control image's,
+        # rounded down to the VAE factor; else the model's default.
         f = self.vae_scale_factor
-        if init is not None:  # like diffusers img2img: the image's own size, rounded down to the factor
-            ih, iw = init.size
+        source = init if init is not None else (controls[0] if controls else None)
+        if source is not None:
+            ih, iw = source.size
             default_h, default_w = max(ih - ih % f, f), max(iw - iw % f, f)
         else:
             default_h, default_w = d.height, d.width
         height = default_h if height is None else check.check_size("height", height, f, f, MAX_SIZE)
         width = default_w if width is None else check.check_size("width", width, f, f, MAX_SIZE)
-        if init is not None and init.batch_size not in (1, len(prompts), len(prompts) * n):
-            raise InvalidInputError(
-                f"image holds {init.batch_size} images; give 1, one per prompt ({len(prompts)}) "
-                f"or one per output image ({len(prompts) * n})")
-
-        controls = [parse_image(c, "control_image" if len(self.controlnets) == 1 else f"control_image[{i}]")
-                    for i, c in enumerate(check.check_control_images(control_image, len(self.controlnets)))]
-        for c in controls:
-            if c.batch_size not in (1, len(prompts), len(prompts) * n):
-                raise InvalidInputError(
-                    f"control_image holds {c.batch_size} images; give 1, one per prompt ({len(prompts)}) "
-                    f"or one per output image ({len(prompts) * n})")
         scales = check.check_controlnet_scales(controlnet_conditioning_scale, len(self.controlnets))
 
         shape = (len(prompts) * n, self.latent_channels, height // f, width // f)
