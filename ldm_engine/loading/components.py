@@ -117,9 +117,40 @@ def default_tokenizer(pad_token: str):
     return CLIPTokenizer.default(pad_token=pad_token)
 
 
+def _tokenizer_from_tokenizer_json(folder: Path):
+    """transformers >= 5 saves a CLIP tokenizer as tokenizer.json + tokenizer_config.json only
+    (no vocab.json / merges.txt): take the BPE vocab and merges from tokenizer.json and the
+    special tokens from the config."""
+    from ldm_engine.tokenizer import CLIPTokenizer
+
+    data = read_json(folder / "tokenizer.json", "tokenizer")
+    model = data.get("model") or {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: not a BPE tokenizer")
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+        if (folder / name).is_file():
+            cfg = read_json(folder / name, "tokenizer config")
+            for key in ("pad_token", "bos_token", "eos_token", "unk_token"):
+                value = cfg.get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str):
+                    settings[key] = value
+            length = cfg.get("model_max_length")
+            if isinstance(length, int) and 2 <= length <= 10**6:
+                settings["model_max_length"] = length
+    return CLIPTokenizer(vocab, pairs, **settings)
+
+
 def folder_tokenizer(folder: Path):
     from ldm_engine.tokenizer import CLIPTokenizer
     try:
+        if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+            return _tokenizer_from_tokenizer_json(folder)
         return CLIPTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{folder}: cannot load the tokenizer: {exc}") from None

@@ -5,6 +5,7 @@ index files, or ``variant`` files such as ``*.fp16.safetensors``. Also ControlNe
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,12 +48,13 @@ def _candidates(stem: str, variant: str | None) -> tuple[list[str], list[str]]:
                                                f"{stem}.{variant}.safetensors.index.json"]
 
 
-def find_weight_files(folder: Path, variant: str | None, *, allow_pickle: bool = False) -> list[Path]:
-    """The weight file(s) of one component folder. ``variant=None`` prefers the plain files and
-    falls back to the fp16 variant; an explicit variant must exist."""
+def find_weight_files(folder: Path, variant: str | None, *, allow_pickle: bool = False) -> tuple[list[Path], str | None]:
+    """The weight file(s) of one component folder and the variant they are. ``variant=None``
+    prefers the plain files and falls back to the fp16 variant; an explicit variant falls back
+    to the plain files for a component that lacks it (as diffusers does)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: component folder not found")
-    variants = [variant] if variant is not None else [None, FALLBACK_VARIANT]
+    variants = [None, FALLBACK_VARIANT] if variant is None else [variant, None]
     looked = []
     for v in variants:
         for stem in WEIGHT_STEMS:
@@ -60,29 +62,42 @@ def find_weight_files(folder: Path, variant: str | None, *, allow_pickle: bool =
             for name in singles:
                 looked.append(name)
                 if (folder / name).is_file():
-                    return [folder / name]
+                    return [folder / name], v
             for name in indexes:
                 looked.append(name)
                 if (folder / name).is_file():
-                    return _index_shards(folder / name)
+                    return _index_shards(folder / name), v
     for name in PICKLE_WEIGHTS:
-        if (folder / name).is_file() and variant is None:
+        if (folder / name).is_file():
             if allow_pickle:
-                return [folder / name]
+                return [folder / name], None
             raise pickle_refusal(folder / name)
     present = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(looked)}); "
                           f"the folder holds: {', '.join(present) or 'nothing'}")
 
 
-def _component_plan(name: str, folder: Path, mapper, variant, allow_pickle, readers) -> LoadPlan:
-    files = find_weight_files(folder, variant, allow_pickle=allow_pickle)
+def _component_plan(name: str, folder: Path, mapper, variant, allow_pickle, readers, used_variants) -> LoadPlan:
+    files, used = find_weight_files(folder, variant, allow_pickle=allow_pickle)
+    used_variants[name] = used
     opened = []
     for f in files:
         r = open_weights(f, allow_pickle=allow_pickle)
         readers.append(r)
         opened.append(r)
     return LoadPlan(name, []).add(opened, mapper)
+
+
+def _check_variant_found(root: Path, variant: str | None, used: dict[str, str | None]) -> None:
+    if variant is None:
+        return
+    if all(v != variant for v in used.values()):
+        raise CheckpointError(f"{root}: no {variant!r} variant weights in any component "
+                              f"(looked for *.{variant}.safetensors); use variant=None for the plain files")
+    plain = [name for name, v in used.items() if v != variant]
+    if plain:
+        warnings.warn(f"{root}: no {variant!r} variant for {', '.join(plain)}; using the plain weights",
+                      stacklevel=3)
 
 
 def _text_encoder_has_projection(model_index: dict, name: str, folder: Path, config: dict) -> bool:
@@ -107,20 +122,22 @@ def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dt
 
     encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
     readers: list = []
+    used: dict[str, str | None] = {}
     try:
         specs = {
             "unet": (unet_factory(unet_config, str(root / "unet")),
-                     _component_plan("unet", root / "unet", keys.diffusers_key, variant, allow_pickle, readers)),
+                     _component_plan("unet", root / "unet", keys.diffusers_key, variant, allow_pickle, readers, used)),
             "vae": (vae_factory(vae_config, str(root / "vae")),
-                    _component_plan("vae", root / "vae", keys.diffusers_vae_key, variant, allow_pickle, readers)),
+                    _component_plan("vae", root / "vae", keys.diffusers_vae_key, variant, allow_pickle, readers, used)),
         }
         configs = {"unet": unet_config, "vae": vae_config}
         for name in encoders:
             cfg = read_json(root / name / "config.json")
             projection = _text_encoder_has_projection(model_index, name, root / name, cfg)
             specs[name] = (text_encoder_factory(cfg, str(root / name), with_projection=projection),
-                           _component_plan(name, root / name, keys.clip_key, variant, allow_pickle, readers))
+                           _component_plan(name, root / name, keys.clip_key, variant, allow_pickle, readers, used))
             configs[name] = cfg
+        _check_variant_found(root, variant, used)
     except BaseException:
         for r in readers:
             r.close()
@@ -143,8 +160,10 @@ def load_diffusers_controlnet(folder: Path, *, device: torch.device, dtype: torc
                               variant: str | None = None, allow_pickle: bool = False):
     config = read_json(folder / "config.json")
     readers: list = []
+    used: dict[str, str | None] = {}
     try:
-        plan = _component_plan("controlnet", folder, keys.diffusers_key, variant, allow_pickle, readers)
+        plan = _component_plan("controlnet", folder, keys.diffusers_key, variant, allow_pickle, readers, used)
+        _check_variant_found(folder, variant, used)
     except BaseException:
         for r in readers:
             r.close()
