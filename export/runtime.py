@@ -54,9 +54,6 @@ class _Session:
         raise NotImplementedError
 
 
-_NP_TYPES = None
-
-
 def _numpy_type(dtype: torch.dtype):
     import numpy as np
 
@@ -79,6 +76,9 @@ class OnnxRuntimeSession(_Session):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if device.type == "cpu":
+            # idle ORT workers would otherwise spin between calls, starving torch's threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.run_options = ort.RunOptions()
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -138,8 +138,11 @@ class TensorRTSession(_Session):
 
     def _execute(self, inputs, outputs):
         ctx = self.context
+        from .tensorrt_build import TensorRTError
+
         for name, t in inputs.items():
-            ctx.set_input_shape(name, tuple(t.shape))
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise TensorRTError(f"{self.contract.network}: TensorRT rejected shape {tuple(t.shape)} for {name!r}")
             ctx.set_tensor_address(name, t.data_ptr())
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
@@ -147,8 +150,6 @@ class TensorRTSession(_Session):
         # allocator keeps these tensors' memory until work queued on this stream is done
         stream = torch.cuda.current_stream(self.device)
         if not ctx.execute_async_v3(stream.cuda_stream):
-            from .tensorrt_build import TensorRTError
-
             raise TensorRTError(f"{self.contract.network}: TensorRT execute_async_v3 failed")
 
 

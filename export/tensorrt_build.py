@@ -221,9 +221,12 @@ def load_engine(plan: Path, sidecar_key: dict, *, device_index: int = 0, verbose
 def trt_to_torch_dtype(trt, dt):
     import torch
 
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.bool: torch.bool}
-    for name, tdt in (("bfloat16", torch.bfloat16), ("int64", torch.int64), ("int8", torch.int8)):
-        if hasattr(trt, name):
-            table[getattr(trt, name)] = tdt
+    table = {}
+    for trt_name, torch_dtype in (("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16),
+                                  ("INT32", torch.int32), ("INT64", torch.int64), ("INT8", torch.int8),
+                                  ("BOOL", torch.bool)):
+        if hasattr(trt.DataType, trt_name):
+            table[getattr(trt.DataType, trt_name)] = torch_dtype
+    if dt not in table:
+        raise TensorRTError(f"TensorRT tensor type {dt} has no torch equivalent here")
     return table[dt]
