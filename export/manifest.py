@@ -97,7 +97,7 @@ def weights_hash(module: torch.nn.Module) -> str:
         t = t.to("cpu").contiguous()
         if t.dtype == torch.bfloat16:  # numpy has no bf16: hash the raw bits
             t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
+        h.update(memoryview(t.numpy()).cast("B"))
     return h.hexdigest()
 
 
