@@ -120,9 +120,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     flags = dict(D=d, BLOCK_D=block_d, IEEE_FP32=q.dtype == torch.float32)
     kernel = None if config is not None else _kernel_for(big_d)
     if kernel is None:
-        cfg = dict(config) if config is not None else dict(_configs(big_d)[0].kwargs)
-        if INTERPRET:  # CPU: small tiles keep the numpy emulation quick
-            cfg.setdefault("BLOCK_M", 16)
+        if config is not None:
+            cfg = dict(config)
+        elif INTERPRET:  # CPU: small tiles keep the numpy emulation quick
+            cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "D_SPLIT": 2 if big_d else 1}
+        else:
+            cfg = dict(_configs(big_d)[0].kwargs)
         grid = (triton.cdiv(lq, cfg["BLOCK_M"]), bsz * heads, cfg.get("D_SPLIT", 1))
         _attn_fwd_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                D_SPLIT=cfg.get("D_SPLIT", 1), num_warps=cfg.get("num_warps", 4))
