@@ -48,10 +48,19 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def publish(path: str | os.PathLike):
+    """Give a file the permissions of a normally created one (mkstemp makes them owner-only), so
+    that exports can be shipped and read by other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write_bytes(path, data: bytes | memoryview):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .contracts import Contract, ContractError
-from .manifest import sha256_file
+from .manifest import publish, sha256_file
 
 ONNX_MAX_PROTO = 2 * 1024 ** 3   # protobuf's hard limit; larger models keep weights in a .data file
 DEFAULT_OPSET = 17
@@ -148,6 +148,8 @@ def export_onnx(model: nn.Module, contract: Contract, path: str | os.PathLike, *
         del proto
         onnx.checker.check_model(str(final_tmp / path.name))  # by path: works for external data too
         # rename the weights first, then the graph: a graph never points at missing weights
+        for f in final_tmp.iterdir():
+            publish(f)
         if big:
             os.replace(final_tmp / data_name, path.parent / data_name)
         else:

@@ -5,6 +5,7 @@ onnxruntime backend against the torch backend."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -199,6 +200,10 @@ def test_external_data_and_fp16(tiny_root, tmp_path):
     got = torch.from_numpy(session.run(None, {"latent": z.numpy()})[0])
     assert _rel(got, ref) <= 1e-4
     assert not list(tmp_path.glob(".tmp-*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("vae_decoder.onnx", "vae_decoder.onnx.data"):  # shippable: not owner-only temp-file modes
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask
 
     half = C.vae_decoder_contract(vae.config, dtype="fp16")
     export_onnx(vae.half(), half, tmp_path / "half.onnx", symbols={"B": 2, "H": 8, "W": 8})
@@ -231,3 +236,17 @@ def test_io_binding_writes_into_torch_tensors(exported):
     torch.testing.assert_close(z, z_copy)
     ref = session.session.run(None, {"latent": z.numpy()})[0]
     np.testing.assert_allclose(res["image"].numpy(), ref, rtol=0, atol=0)
+
+
+def test_export_forces_the_torch_ops_backend(monkeypatch):
+    """GPU backends of ldm_engine.ops are custom ops that ONNX cannot hold: export runs on "torch"."""
+    from ldm_engine.export.onnx_export import torch_ops_backend
+
+    monkeypatch.setenv("LDM_ENGINE_BACKEND", "cuda")
+    with torch_ops_backend():
+        assert os.environ["LDM_ENGINE_BACKEND"] == "torch"
+    assert os.environ["LDM_ENGINE_BACKEND"] == "cuda"
+    monkeypatch.delenv("LDM_ENGINE_BACKEND")
+    with torch_ops_backend():
+        assert os.environ["LDM_ENGINE_BACKEND"] == "torch"
+    assert "LDM_ENGINE_BACKEND" not in os.environ
