@@ -221,10 +221,11 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
 
     from ldm_engine.loading import load_controlnet, load_pipeline
 
-    torch_dtype = C.DTYPES["fp32" if o.typing == "weak" else o.dtype]
+    # loaded in fp32, then each network cast to its own dtype: a VAE kept in fp32 under fp16
+    # (force_upcast) gets the checkpoint's full-precision weights
     with Progress("loading the model", enabled=o.progress):
-        comps = load_pipeline(str(source), device=o.device, dtype=torch_dtype)
-        controlnets = [load_controlnet(p, device=o.device, dtype=torch_dtype) for p in o.controlnets]
+        comps = load_pipeline(str(source), device=o.device, dtype=torch.float32)
+        controlnets = [load_controlnet(p, device=o.device, dtype=torch.float32) for p in o.controlnets]
     profile = make_profile(comps, o)
     _check_model_against_options(comps, controlnets, o, profile)
     # typing="weak": ONNX in fp32, TensorRT gets the precision as builder flags

@@ -22,7 +22,16 @@ class Progress:
         if self.enabled and not self.tty:
             print(f"{self.label} ...", file=self.stream, flush=True)
         self._draw(force=True)
+        self._stop = threading.Event()
+        if self.enabled and self.tty:  # keep the clock moving while the main thread is busy in one call
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
         return self
+
+    def _tick(self):
+        while not self._stop.wait(0.5):
+            with self._lock:
+                self._draw()
 
     def update(self, n: float = 1, *, total: float | None = None, note: str | None = None):
         with self._lock:
@@ -52,6 +61,7 @@ class Progress:
         self.stream.flush()
 
     def __exit__(self, exc_type, *_):
+        self._stop.set()
         if not self.enabled:
             return False
         elapsed = time.monotonic() - self.start
