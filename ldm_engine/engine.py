@@ -37,6 +37,27 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 
 @dataclass
+class _Request:
+    """generate()'s arguments after checking and filling in defaults."""
+
+    prompts: list
+    negatives: list | None
+    n: int                      # images per prompt
+    output_type: str
+    seed: int
+    guidance: float
+    do_cfg: bool
+    init: Any                   # ImageBatch | None (img2img)
+    height: int
+    width: int
+    controls: list              # one ImageBatch per ControlNet
+    scales: list
+    shape: tuple                # latent shape (batch, C, h, w)
+    latents: torch.Tensor | None
+    schedule: Any
+
+
+@dataclass
 class GenerateResult:
     images: Any                 # list[PIL.Image] | np.ndarray (N, H, W, 3) | torch.Tensor (N, 3, H, W)
     timings: dict = field(default_factory=dict)   # ms: text_encoder, vae_encode, controlnet[], unet[], vae_decode, total
@@ -179,7 +200,25 @@ class Engine:
     def generate(self, prompt, *, negative_prompt=None, height=None, width=None, num_inference_steps=None,
                  guidance_scale=None, seed=None, latents=None, image=None, strength=None, control_image=None,
                  controlnet_conditioning_scale=1.0, num_images_per_prompt=1, output_type="pil") -> GenerateResult:
-        """Runs the pipeline; see the module docstring. Invalid arguments raise before any network runs."""
+        """Generates images; every argument is checked before any network runs (ValueError / TypeError).
+
+        prompt: str or list of str (one batch). negative_prompt: str (for all) or one per prompt; used only
+            with guidance (guidance_scale > 1), otherwise ignored with a warning.
+        height, width: pixels, multiples of the VAE factor (8 for real models). Default: the init image's
+            size, else the first control image's, else the model's (see ldm_engine.pipeline.defaults).
+        num_inference_steps, guidance_scale: default from the model family (turbo: 1 step, no guidance).
+        seed: int in [0, 2**64); None draws one (returned as result.seed).
+        latents: initial noise (batch, 4, height / f, width / f) on the engine's device; replaces the
+            seeded draw (text-to-image: scaled by the sampler's init sigma; img2img: the noise added to the
+            encoded image).
+        image, strength: img2img; int(num_inference_steps * strength) steps are run (must be >= 1).
+        control_image, controlnet_conditioning_scale: one image (and scale) per loaded ControlNet.
+        num_images_per_prompt: images per prompt, in the same batch.
+        output_type: "pil" (list), "np" (float32 (N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W) tensor),
+            "latent" (the final latents, no VAE decode).
+        Returns GenerateResult(images, timings in ms, seed). timings["unet"] (and ["controlnet"]) hold
+        one entry per U-Net call (PNDM makes one call more than it has steps).
+        """
         t_start = time.perf_counter()
         args = self._check_args(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                 seed, latents, image, strength, control_image, controlnet_conditioning_scale,
@@ -189,7 +228,7 @@ class Engine:
 
     def _check_args(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
                     latents, image, strength, control_image, controlnet_conditioning_scale,
-                    num_images_per_prompt, output_type) -> dict:
+                    num_images_per_prompt, output_type) -> _Request:
         from ldm_engine.samplers import build_schedule
 
         d = self.defaults
@@ -244,77 +283,77 @@ class Engine:
                           UserWarning, stacklevel=3)
         schedule = build_schedule(self.scheduler, self.components.scheduler_config, steps,
                                   strength=strength if init is not None else None, device=self.device)
-        return dict(prompts=prompts, negatives=negatives, n=n, output_type=output_type,
-                    seed=secrets.randbits(63) if seed is None else seed, guidance=guidance, do_cfg=do_cfg,
-                    init=init, height=height, width=width, controls=controls, scales=scales, shape=shape,
-                    latents=latents, schedule=schedule)
+        return _Request(prompts=prompts, negatives=negatives, n=n, output_type=output_type,
+                        seed=secrets.randbits(63) if seed is None else seed, guidance=guidance, do_cfg=do_cfg,
+                        init=init, height=height, width=width, controls=controls, scales=scales, shape=shape,
+                        latents=latents, schedule=schedule)
 
-    def _run(self, a: dict, t_start: float) -> GenerateResult:
+    def _run(self, a: _Request, t_start: float) -> GenerateResult:
         comps, dev, timer = self.components, self.device, StageTimer(self.device)
         vae_cfg = comps.vae.config
         scale = vae_cfg.scaling_factor
         shift = getattr(vae_cfg, "shift_factor", None) or 0.0
-        schedule, shape, n_prompts, n = a["schedule"], a["shape"], len(a["prompts"]), a["n"]
+        schedule, shape, n_prompts, n = a.schedule, a.shape, len(a.prompts), a.n
         # All randomness up front, on the CPU, in diffusers' order.
-        gen = torch.Generator("cpu").manual_seed(a["seed"])
+        gen = torch.Generator("cpu").manual_seed(a.seed)
 
         def randn(shape_):
             return torch.randn(shape_, generator=gen, dtype=torch.float32).to(dev)
 
         m_text0 = timer.mark()
-        cond = encode_prompts(comps, a["prompts"], a["negatives"], do_cfg=a["do_cfg"], num_images_per_prompt=n,
-                              height=a["height"], width=a["width"],
+        cond = encode_prompts(comps, a.prompts, a.negatives, do_cfg=a.do_cfg, num_images_per_prompt=n,
+                              height=a.height, width=a.width,
                               force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
                               dtype=self.unet_dtype, device=dev)
         m_text1 = timer.mark()
 
-        if a["init"] is not None:
-            pixels = a["init"].to_tensor(a["height"], a["width"]) * 2.0 - 1.0
+        if a.init is not None:
+            pixels = a.init.to_tensor(a.height, a.width) * 2.0 - 1.0
             mean, logvar = comps.vae.encode(pixels.to(dev, self.vae_dtype))
             std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
             z = mean.float() + std * randn(mean.shape)          # latent_dist.sample(generator)
             z = expand_batch((z - shift) * scale, n_prompts, n, "image")
-            noise = a["latents"].float() if a["latents"] is not None else randn(shape)
+            noise = a.latents.float() if a.latents is not None else randn(shape)
             x = schedule.add_noise(z, noise)
         else:
-            noise = a["latents"].float() if a["latents"] is not None else randn(shape)
+            noise = a.latents.float() if a.latents is not None else randn(shape)
             x = noise * schedule.init_noise_sigma
         m_enc = timer.mark()
         noises = None
-        if schedule.needs_noise:
-            noises = torch.stack([randn(shape) for _ in range(len(schedule.timesteps))])
+        if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
+            noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)]).to(dev)
 
         controls = []
-        for c in a["controls"]:
-            hint = expand_batch(c.to_tensor(a["height"], a["width"]), n_prompts, n, "control_image")
+        for c in a.controls:
+            hint = expand_batch(c.to_tensor(a.height, a.width), n_prompts, n, "control_image")
             hint = hint.to(dev, self.unet_dtype)
-            controls.append(torch.cat([hint, hint]) if a["do_cfg"] else hint)
+            controls.append(torch.cat([hint, hint]) if a.do_cfg else hint)
 
         step_marks: list[tuple] = []
-        model_fn = self._model_fn(cond, controls, a["scales"], a["guidance"], a["do_cfg"], timer, step_marks)
+        model_fn = self._model_fn(cond, controls, a.scales, a.guidance, a.do_cfg, timer, step_marks)
         from ldm_engine.samplers import sample
 
         x0 = sample(schedule, model_fn, x, noises)
         m_loop = timer.mark()
 
-        if a["output_type"] == "latent":
+        if a.output_type == "latent":
             images = x0
         else:
             decoded = comps.vae.decode((x0 / scale + shift).to(self.vae_dtype))
         m_dec = timer.mark()
         timer.wait(m_dec)
-        if a["output_type"] != "latent":
-            images = postprocess(decoded, a["output_type"])
+        if a.output_type != "latent":
+            images = postprocess(decoded, a.output_type)
 
         timings = {
             "text_encoder": timer.ms(m_text0, m_text1),
-            "vae_encode": timer.ms(m_text1, m_enc) if a["init"] is not None else 0.0,
+            "vae_encode": timer.ms(m_text1, m_enc) if a.init is not None else 0.0,
             "controlnet": [timer.ms(s0, s1) for s0, s1, _ in step_marks] if self.controlnets else [],
             "unet": [timer.ms(s1, s2) for _, s1, s2 in step_marks],
-            "vae_decode": timer.ms(m_loop, m_dec) if a["output_type"] != "latent" else 0.0,
+            "vae_decode": timer.ms(m_loop, m_dec) if a.output_type != "latent" else 0.0,
         }
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
-        return GenerateResult(images=images, timings=timings, seed=a["seed"])
+        return GenerateResult(images=images, timings=timings, seed=a.seed)
 
     def _model_fn(self, cond, controls, scales, guidance, do_cfg, timer, step_marks):
         """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves."""
