@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .contracts import Contract, ContractError
@@ -53,6 +54,30 @@ def torch_ops_backend():
             os.environ.pop("LDM_ENGINE_BACKEND", None)
         else:
             os.environ["LDM_ENGINE_BACKEND"] = old
+
+
+@contextlib.contextmanager
+def causal_sdpa_as_mask():
+    """The TorchScript exporter builds SDPA's causal mask in fp32 and adds it to the scores, which
+    leaves fp16 graphs (CLIP) with mixed-type LayerNorm inputs that ONNX Runtime refuses. While
+    exporting, causal attention gets an explicit additive mask in the scores' own dtype instead."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if is_causal and attn_mask is None:
+            n_q, n_k = query.shape[-2], key.shape[-2]
+            keep = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
+            attn_mask = torch.zeros(n_q, n_k, dtype=query.dtype, device=query.device).masked_fill(
+                ~keep, float("-inf"))
+            is_causal = False
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kw)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 # -- adapters: flat positional tensors in, flat tuple out, in contract order --------------------
@@ -128,7 +153,7 @@ def export_onnx(model: nn.Module, contract: Contract, path: str | os.PathLike, *
     tmpdir = Path(tempfile.mkdtemp(prefix=f".tmp-{path.stem}-", dir=path.parent))
     try:
         raw = tmpdir / "raw.onnx"
-        with torch.no_grad(), torch_ops_backend(), warnings.catch_warnings():
+        with torch.no_grad(), torch_ops_backend(), causal_sdpa_as_mask(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape asserts in forward()
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")  # constant-folding notes
@@ -146,7 +171,8 @@ def export_onnx(model: nn.Module, contract: Contract, path: str | os.PathLike, *
         else:
             onnx.save_model(proto, str(final_tmp / path.name))
         del proto
-        onnx.checker.check_model(str(final_tmp / path.name))  # by path: works for external data too
+        # by path (works with external data); full_check also runs strict type/shape inference
+        onnx.checker.check_model(str(final_tmp / path.name), full_check=True)
         # rename the weights first, then the graph: a graph never points at missing weights
         for f in final_tmp.iterdir():
             publish(f)

@@ -250,3 +250,21 @@ def test_export_forces_the_torch_ops_backend(monkeypatch):
     with torch_ops_backend():
         assert os.environ["LDM_ENGINE_BACKEND"] == "torch"
     assert "LDM_ENGINE_BACKEND" not in os.environ
+
+
+def test_fp16_text_encoders_export_and_run(tiny_root, tmp_path):
+    """fp16 graphs type-check strictly (onnx full_check, e.g. causal attention masks in fp16) and
+    run in ONNX Runtime close to the fp32 torch model."""
+    model = tiny_pipeline("sdxl", tiny_root)
+    manifest = export_model(str(model), tmp_path, ExportOptions(dtype="fp16", components=("text_encoder",),
+                                                               progress=False), log=lambda *a: None)
+    assert {n: e["contract"]["dtype"] for n, e in manifest["networks"].items()} == \
+        {"text_encoder": "fp16", "text_encoder_2": "fp16"}
+    comps, _ = load_exported_components(tmp_path, backend="onnxruntime")
+    ref = load_pipeline(model)
+    ids = comps.tokenizer(["a photo of a cat", "a dog"])
+    for name in ("text_encoder", "text_encoder_2"):
+        onnx.checker.check_model(str(tmp_path / f"{name}.onnx"), full_check=True)
+        got, want = getattr(comps, name)(ids), getattr(ref, name)(ids)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float16 and _rel(g, w) < 5e-3, name
