@@ -182,6 +182,12 @@ def test_img2img_sd15_cfg(paths, init_image):
              num_inference_steps=4, guidance_scale=7.5)
 
 
+def test_img2img_sdxl_turbo(paths, init_image, sdxl_turbo):
+    pipe = _load(diffusers.StableDiffusionXLImg2ImgPipeline, paths["sdxl-turbo"])
+    _compare(pipe, sdxl_turbo[1], seed=6, prompt=PROMPT, image=init_image, strength=0.5,
+             num_inference_steps=4, guidance_scale=0.0)
+
+
 def test_img2img_image_formats_agree(paths, init_image):
     engine = Engine.from_pretrained(paths["sd-turbo"])
     arr = np.asarray(init_image)
@@ -305,6 +311,15 @@ def test_output_types_and_timings(sd_turbo):
     assert t["total"] >= t["text_encoder"] + sum(t["unet"]) + t["vae_decode"]
     lat = engine.generate(PROMPT, output_type="latent", **kw).images
     assert lat.shape == (1, 4, 16, 16)
+
+
+def test_fp16_runs_vae_in_fp32_when_force_upcast(paths, sdxl_turbo):
+    engine = Engine.from_pretrained(paths["sdxl-turbo"], dtype="fp16")
+    assert engine.unet_dtype == torch.float16 and engine.vae_dtype == torch.float32
+    kw = dict(seed=0, num_inference_steps=2, guidance_scale=2.0, output_type="np")
+    half = engine.generate(PROMPT, **kw).images
+    full = sdxl_turbo[1].generate(PROMPT, **kw).images
+    assert np.isfinite(half).all() and np.abs(half - full).max() < 0.05
 
 
 @pytest.mark.cuda
