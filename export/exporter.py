@@ -137,6 +137,7 @@ class _Job:
     module: torch.nn.Module
     contract: C.Contract
     what: str
+    source: str | None = None
 
 
 def _plan_jobs(comps, controlnets, o: ExportOptions) -> list[_Job]:
@@ -168,7 +169,8 @@ def _plan_jobs(comps, controlnets, o: ExportOptions) -> list[_Job]:
         for i, cn in enumerate(controlnets):
             jobs.append(_Job(f"controlnet_{i}", cn,
                              C.controlnet_contract(cn.config, network=f"controlnet_{i}", **kw),
-                             f"ControlNet {i}: residuals for the U-Net ({o.controlnets[i]})"))
+                             f"ControlNet {i}: residuals for the U-Net ({o.controlnets[i]})",
+                             source=str(o.controlnets[i])))
     if "vae_decoder" in wanted:
         jobs.append(_Job("vae_decoder", comps.vae, C.vae_decoder_contract(comps.vae.config, dtype=vae_dtype),
                          "VAE decoder: unscaled latents -> image in [-1, 1]"))
@@ -265,6 +267,7 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
         manifest["networks"][job.network] = entry
         if job.contract.kind == "controlnet":
             manifest["controlnets"].append(job.network)
+            entry["source"] = job.source  # so a loader can check the order / identity of ControlNets
 
     if o.verify:  # after all exports: it moves modules to the CPU
         for job in jobs:

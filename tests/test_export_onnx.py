@@ -22,11 +22,13 @@ from ldm_engine.export.onnx_export import ExportError, _check_standard_ops, expo
 from ldm_engine.export.runtime import load_exported_components
 from ldm_engine.loading import load_controlnet, load_pipeline
 
-# (pipeline, controlnet exported with it): SD1-, SD2- and SDXL-style, ControlNet SD and SDXL
-FAMILIES = [("sd15", None), ("sd-turbo", "controlnet-sd"), ("sdxl", "controlnet-sdxl")]
+# (pipeline, ControlNets exported with it): SD1-, SD2- and SDXL-style, ControlNet SD (two of them:
+# multi-ControlNet) and SDXL
+FAMILIES = [("sd15", ()), ("sd-turbo", ("controlnet-sd", "controlnet-sd-2")), ("sdxl", ("controlnet-sdxl",))]
 EXPECTED = {
     "sd15": {"text_encoder", "unet", "vae_decoder", "vae_encoder"},
-    "sd-turbo": {"text_encoder", "unet", "unet_controlnet", "controlnet_0", "vae_decoder", "vae_encoder"},
+    "sd-turbo": {"text_encoder", "unet", "unet_controlnet", "controlnet_0", "controlnet_1", "vae_decoder",
+                 "vae_encoder"},
     "sdxl": {"text_encoder", "text_encoder_2", "unet", "unet_controlnet", "controlnet_0", "vae_decoder",
              "vae_encoder"},
 }
@@ -39,12 +41,12 @@ def tiny_root(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
 def exported(request, tiny_root, tmp_path_factory):
-    kind, cn_kind = request.param
+    kind, cn_kinds = request.param
     model = tiny_pipeline(kind, tiny_root)
-    cn = tiny_pipeline(cn_kind, tiny_root) if cn_kind else None
+    cn = [str(tiny_pipeline(k, tiny_root)) for k in cn_kinds]
     out = tmp_path_factory.mktemp(f"export-{kind}")
     # latent sizes 8..48 (tiny VAE: 2x), batch 1..3
-    opts = ExportOptions(controlnets=(str(cn),) if cn else (), height=(16, 32, 96), width=(16, 32, 96),
+    opts = ExportOptions(controlnets=tuple(cn), height=(16, 32, 96), width=(16, 32, 96),
                          batch=(1, 1, 3), progress=False, overwrite=True)
     manifest = export_model(str(model), out, opts, log=lambda *a: None)
     return kind, model, cn, out, manifest
@@ -62,8 +64,8 @@ def test_exported_networks_match_torch(exported):
     comps = load_pipeline(model)
     modules = {"text_encoder": comps.text_encoder, "text_encoder_2": comps.text_encoder_2, "unet": comps.unet,
                "unet_controlnet": comps.unet, "vae_decoder": comps.vae, "vae_encoder": comps.vae}
-    if cn is not None:
-        modules["controlnet_0"] = load_controlnet(cn)
+    for i, path in enumerate(cn):
+        modules[f"controlnet_{i}"] = load_controlnet(path)
     gen = torch.Generator().manual_seed(123)
     for name, entry in manifest["networks"].items():
         path = out / entry["onnx"]
@@ -127,17 +129,20 @@ def test_engine_onnxruntime_matches_torch(exported):
         dict(prompt="a tree", image=init, strength=0.6, num_inference_steps=3, guidance_scale=2.0),
     ]
     comps, nets = load_exported_components(out, backend="onnxruntime", device="cpu")
-    assert len(nets) == (1 if cn else 0)
+    assert len(nets) == len(cn) and manifest["controlnets"] == [f"controlnet_{i}" for i in range(len(cn))]
+    assert [manifest["networks"][n]["source"] for n in manifest["controlnets"]] == cn
     e_torch = Engine.from_pretrained(str(model))
     e_ort = Engine(comps, [], name=str(model))  # the plain U-Net, even where a ControlNet was exported
     assert e_ort.family == e_torch.family and e_ort.scheduler == e_torch.scheduler
     _compare(e_torch, e_ort, cases, kind)
-    if cn is not None:
-        control = torch.rand(1, 3, 32, 48, generator=g)
-        e_torch = Engine.from_pretrained(str(model), controlnet=str(cn))
-        e_ort = Engine.from_pretrained(str(model), backend="onnxruntime", engine_dir=out, controlnet=str(cn))
-        cn_cases = [dict(case, control_image=control, controlnet_conditioning_scale=0.7) for case in cases[1:]]
-        _compare(e_torch, e_ort, cn_cases, f"{kind}+controlnet")
+    if cn:
+        control = [torch.rand(1, 3, 32, 48, generator=g) for _ in cn]
+        e_torch = Engine.from_pretrained(str(model), controlnet=cn)
+        e_ort = Engine.from_pretrained(str(model), backend="onnxruntime", engine_dir=out, controlnet=cn)
+        scales = [0.7, 1.2][: len(cn)]
+        cn_cases = [dict(case, control_image=control if len(cn) > 1 else control[0],
+                         controlnet_conditioning_scale=scales if len(cn) > 1 else scales[0]) for case in cases[1:]]
+        _compare(e_torch, e_ort, cn_cases, f"{kind}+{len(cn)} ControlNet(s)")
 
 
 def test_runtime_wrappers_validate_and_cast(exported):
