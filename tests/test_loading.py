@@ -319,22 +319,25 @@ def test_not_a_model_folder(tmp_path):
 
 # ---- the safetensors reader ---------------------------------------------------------------------
 
-def test_reader_casts_floats_keeps_ints_and_returns_owned_tensors(tmp_path):
+@pytest.mark.parametrize("io", ["read", "mmap"])
+def test_reader_casts_floats_keeps_ints_and_returns_owned_tensors(tmp_path, io):
     g = torch.Generator().manual_seed(0)
     tensors = {"f16": torch.randn(3, 5, generator=g).half(), "bf16": torch.randn(7, generator=g).bfloat16(),
                "f32": torch.randn(2, 2, 3, generator=g), "i64": torch.arange(6).reshape(2, 3),
                "empty": torch.zeros(0, 4), "big": torch.randn(300, 257, generator=g)}
     path = tmp_path / "t.safetensors"
     st.save_file(tensors, path, metadata={"modelspec.prediction_type": "v"})
-    with SafetensorsFile(path) as f:
+    with SafetensorsFile(path, io=io) as f:
         assert f.metadata == {"modelspec.prediction_type": "v"}
         assert sorted(f.keys()) == sorted(tensors)
         got = {k: f.load(k, dtype=torch.float32) for k in f.keys()}
         same = f.load("f16")
+        half = f.load("big", dtype=torch.float16)
     for k, v in tensors.items():
         assert got[k].shape == v.shape
         assert got[k].dtype == (torch.int64 if k == "i64" else torch.float32)
         assert torch.equal(got[k], v.to(got[k].dtype))
     assert same.dtype == torch.float16 and torch.equal(same, tensors["f16"])
+    assert torch.equal(half, tensors["big"].half())
     got["big"].add_(1)  # owned, writable memory, valid after the file is closed
     assert torch.equal(got["big"], tensors["big"] + 1)

@@ -23,7 +23,8 @@ from ldm_engine.loading.build import normalize_dtype_device
 from ldm_engine.loading.components import Components
 from ldm_engine.loading.hub import resolve_model_path
 
-__all__ = ["Components", "load_pipeline", "load_controlnet", "resolve_model_path", "CheckpointError"]
+__all__ = ["Components", "load_pipeline", "load_controlnet", "load_component", "resolve_model_path",
+           "CheckpointError"]
 
 
 def _only_weights_file(folder: Path) -> Path | None:
@@ -89,3 +90,16 @@ def load_controlnet(path_or_repo_id: str | os.PathLike, *, device: str | torch.d
     from ldm_engine.loading.single_file import load_controlnet_file
 
     return load_controlnet_file(path, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+
+
+def load_component(path_or_repo_id: str | os.PathLike, kind: str, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, variant: str | None = None, allow_pickle: bool = False):
+    """One model from a diffusers component folder (config.json + weights, e.g. ``<pipeline>/unet``):
+    kind "unet", "vae", "text_encoder" or "controlnet"."""
+    dtype, device = normalize_dtype_device(dtype, device)
+    path = resolve_model_path(path_or_repo_id)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a component folder (no config.json)")
+    from ldm_engine.loading.diffusers_folder import load_diffusers_component
+
+    return load_diffusers_component(path, kind, device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle)

@@ -158,16 +158,34 @@ def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dt
 
 def load_diffusers_controlnet(folder: Path, *, device: torch.device, dtype: torch.dtype,
                               variant: str | None = None, allow_pickle: bool = False):
+    return load_diffusers_component(folder, "controlnet", device=device, dtype=dtype, variant=variant,
+                                    allow_pickle=allow_pickle)
+
+
+_COMPONENT_KINDS = {"unet": (unet_factory, keys.diffusers_key), "vae": (vae_factory, keys.diffusers_vae_key),
+                    "controlnet": (controlnet_factory, keys.diffusers_key)}
+
+
+def load_diffusers_component(folder: Path, kind: str, *, device: torch.device, dtype: torch.dtype,
+                             variant: str | None = None, allow_pickle: bool = False):
+    """One model from its diffusers/transformers folder (config.json + weights): kind "unet",
+    "vae", "controlnet" or "text_encoder" (projection if the config says CLIPTextModelWithProjection)."""
     config = read_json(folder / "config.json")
+    if kind == "text_encoder":
+        projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+        factory, mapper = text_encoder_factory(config, str(folder), with_projection=projection), keys.clip_key
+    elif kind in _COMPONENT_KINDS:
+        make, mapper = _COMPONENT_KINDS[kind]
+        factory = make(config, str(folder))
+    else:
+        raise ValueError(f"kind must be one of unet, vae, text_encoder, controlnet; got {kind!r}")
     readers: list = []
     used: dict[str, str | None] = {}
     try:
-        plan = _component_plan("controlnet", folder, keys.diffusers_key, variant, allow_pickle, readers, used)
+        plan = _component_plan(kind, folder, mapper, variant, allow_pickle, readers, used)
         _check_variant_found(folder, variant, used)
     except BaseException:
         for r in readers:
             r.close()
         raise
-    specs = {"controlnet": (controlnet_factory(config, str(folder)), plan)}
-    return assemble(specs, dtype=dtype, device=device, readers=readers)["controlnet"]
-
+    return assemble({kind: (factory, plan)}, dtype=dtype, device=device, readers=readers)[kind]

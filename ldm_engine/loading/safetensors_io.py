@@ -1,12 +1,20 @@
-"""Memory-mapped, validated reading of ``.safetensors`` files, one tensor at a time.
+"""Validated reading of ``.safetensors`` files, one tensor at a time, with no second copy.
 
 We parse the header ourselves (the format is an 8-byte little-endian header length, a JSON
 header, then the raw data) so that truncated or corrupt files give a CheckpointError naming the
-file instead of a crash deep in a reader. Tensor data is read from a private memory map: each
-tensor is copied (and cast) straight from the map into its final storage, then its pages are
-dropped from the map, so loading never holds a second full copy of the weights — peak memory is
-the weights plus the largest tensor. (``safetensors.safe_open`` hands out views of a map that
-stays resident until the file is closed; copying out of it would count the weights twice.)
+file instead of a crash deep in a reader.
+
+Tensor data goes straight into its final storage: for a CPU tensor kept in the stored dtype the
+bytes are read (``readinto``) directly into the freshly allocated tensor; otherwise they pass
+through one reusable staging buffer (the size of the largest tensor) and are cast / moved from
+there. Peak memory is the weights plus one tensor.
+
+``io="mmap"`` instead copies out of a private memory map and drops each tensor's pages after the
+copy (``MADV_DONTNEED``) so resident memory stays ~1x too. It is kept for comparison: on the
+machines we measured, page-faulting through a map was 2-4x slower than plain reads (see
+benchmarks/bench_loading.py). ``safetensors.safe_open`` is not used for data: its tensors are
+views of a map that stays resident until the file closes, so copying out of it counts the
+weights twice.
 """
 
 from __future__ import annotations
@@ -101,29 +109,49 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
 
 
 class SafetensorsFile:
-    """A validated ``.safetensors`` file. Use as a context manager (or call ``close()``)."""
+    """A validated ``.safetensors`` file. Use as a context manager (or call ``close()``).
 
-    def __init__(self, path: str | os.PathLike):
+    io: "read" (default; read syscalls into the final tensor) or "mmap" (copy out of a private
+    memory map, releasing pages as it goes)."""
+
+    def __init__(self, path: str | os.PathLike, *, io: str = "read"):
+        if io not in ("read", "mmap"):
+            raise ValueError(f"io must be 'read' or 'mmap', got {io!r}")
         self.path = Path(path)
+        self.io = io
         try:
-            self._fh = open(self.path, "rb")
+            self._fh = open(self.path, "rb", buffering=0)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: no such file") from None
         except (IsADirectoryError, PermissionError) as exc:
             raise CheckpointError(f"{self.path}: cannot open: {exc}") from None
         try:
             file_size = os.fstat(self._fh.fileno()).st_size
-            head = self._fh.read(8)
+            head = self._read_exact(0, min(8, file_size))
             if len(head) == 8:
                 header_len = struct.unpack("<Q", head)[0]
-                if header_len <= _MAX_HEADER_BYTES:
-                    head += self._fh.read(header_len)
+                if header_len <= _MAX_HEADER_BYTES and 8 + header_len <= file_size:
+                    head += self._read_exact(8, header_len)
             self.tensors, self.metadata, _ = _parse_header(self.path, file_size, head)
             self._file_size = file_size
             self._map: mmap.mmap | None = None
+            self._staging: torch.Tensor | None = None
         except BaseException:
             self._fh.close()
             raise
+
+    def _read_exact(self, offset: int, n: int, into: memoryview | None = None) -> bytes:
+        """n bytes at offset (into ``into`` when given); short reads are retried."""
+        buf = into if into is not None else memoryview(bytearray(n))
+        done = 0
+        self._fh.seek(offset)
+        while done < n:
+            got = self._fh.readinto(buf[done:n])
+            if not got:
+                raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done} "
+                                      "(truncated while being read?)")
+            done += got
+        return bytes(buf) if into is None else b""
 
     # ---- introspection -------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -156,13 +184,33 @@ class SafetensorsFile:
         target_device = torch.device(device) if device is not None else torch.device("cpu")
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=target_dtype, device=target_device)
+        if self.io == "mmap":
+            return self._load_mapped(key, info, target_dtype, target_device)
+        if target_device.type == "cpu" and target_dtype == info.dtype:
+            out = torch.empty(info.shape, dtype=info.dtype)
+            self._read_exact(info.start, info.nbytes, _bytes_view(out))
+            return out
+        staging = self._staging_buffer(info.nbytes)
+        self._read_exact(info.start, info.nbytes, _bytes_view(staging))
+        view = staging.view(info.dtype).reshape(info.shape)
+        return view.to(device=target_device, dtype=target_dtype, copy=True)
+
+    def _staging_buffer(self, nbytes: int) -> torch.Tensor:
+        # One buffer for the whole file, sized for the largest tensor that needs staging, so
+        # casts / device copies never allocate a second copy of more than one tensor.
+        if self._staging is None or self._staging.numel() < nbytes:
+            largest = max(t.nbytes for t in self.tensors.values())
+            self._staging = torch.empty(max(nbytes, largest), dtype=torch.uint8)
+        return self._staging[:nbytes]
+
+    def _load_mapped(self, key: str, info: TensorInfo, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         mm = self._mapping()
         try:
             view = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
             view = view.view(info.dtype).reshape(info.shape)
-            out = view.to(device=target_device, dtype=target_dtype, copy=True)
+            out = view.to(device=device, dtype=dtype, copy=True)
             del view
-        except OSError as exc:  # e.g. the file shrank under us (SIGBUS is not catchable; this is)
+        except OSError as exc:
             raise CheckpointError(f"{self.path}: reading tensor {key!r} failed: {exc}") from None
         self._release_pages(info.start, info.end)
         return out
@@ -179,6 +227,7 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
+        self._staging = None
         if self._map is not None:
             try:
                 self._map.close()
@@ -195,6 +244,11 @@ class SafetensorsFile:
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
