@@ -152,6 +152,9 @@ def build_engine(onnx_path: str | os.PathLike, contract: Contract, profile: Shap
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if typing == "weak":
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise TensorRTError(f"TensorRT {trt.__version__} has no weak typing (BuilderFlag.FP16/BF16); "
+                                f"use --trt-typing strong")
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         elif precision == "bf16":
@@ -169,6 +172,9 @@ def build_engine(onnx_path: str | os.PathLike, contract: Contract, profile: Shap
     if timing_cache and Path(timing_cache).exists():
         cache_bytes = Path(timing_cache).read_bytes()
     cache = config.create_timing_cache(cache_bytes)
+    if cache is None and cache_bytes:  # unreadable cache file: start a fresh one (it is rewritten below)
+        print(f"{contract.network}: ignoring the unreadable timing cache {timing_cache}", flush=True)
+        cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=False)  # a cache from another GPU/version is not reused
 
     with Progress(f"{contract.network}: TensorRT build", enabled=progress) as bar:
