@@ -473,12 +473,6 @@ bool attention_head_dim_supported(int d) {
   return d == 40 || d == 64 || d == 80 || d == 128 || d == 160 || d == 512;
 }
 
-int attention_kv_tiles(int lk, int d, int device) {
-  int bc = 64;
-  if (d == 512) bc = use_big512(device) ? Cfg512Big::BC : Cfg512Small::BC;
-  return (lk + bc - 1) / bc;
-}
-
 cudaError_t attention_num_splits(int b, int h, int lq, int lk, int d, DType dtype, int device, int* num_splits) {
   *num_splits = 1;
   return dispatch(dtype, d, device, SplitsFn{b, h, lq, lk, device, num_splits});

@@ -71,8 +71,6 @@ cudaError_t attention_num_splits(int b, int h, int lq, int lk, int d, DType dtyp
 inline int64_t attention_workspace_floats(int b, int h, int lq, int d, int num_splits) {
   return num_splits > 1 ? int64_t(num_splits) * b * h * lq * (d + 1) : 0;
 }
-// Key tiles of the chosen configuration: the binding clamps num_splits to this.
-int attention_kv_tiles(int lk, int d, int device);
 cudaError_t attention_launch(const AttentionArgs& args, int device, cudaStream_t stream);
 
 }  // namespace ldm
