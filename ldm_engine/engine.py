@@ -174,8 +174,13 @@ class Engine:
                 raise BackendUnavailableError(
                     f"backend {backend!r} is not available: ldm_engine.export.runtime cannot be imported ({e})") from None
             comps, nets = load_exported_components(engine_dir, backend=backend, device=device)
-            if controlnet is not None and not nets:
-                raise InvalidInputError(f"controlnet was given but {engine_dir} holds no exported ControlNet")
+            if controlnet is None:
+                nets = []  # as with the torch backend: ControlNets run only when asked for
+            else:
+                wanted = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+                if len(wanted) != len(nets):
+                    raise InvalidInputError(f"controlnet names {len(wanted)} network(s) but {engine_dir} holds "
+                                            f"{len(nets)} exported ControlNet(s); export them together with the model")
             dtype = resolve_dtype(dtype, device)
         return cls(comps, nets, device=device, dtype=dtype, scheduler=scheduler, name=str(path_or_repo_id))
 
