@@ -167,7 +167,21 @@ def tiny_controlnet_folder(family: str) -> Path:
     return path
 
 
-# ---- output comparisons ---------------------------------------------------------------------
+# ---- comparisons ------------------------------------------------------------------------------
+
+def assert_same_weights(ours: torch.nn.Module, ref: torch.nn.Module, *, cast=None):
+    """Exact equality of every tensor (our keys are diffusers' / published transformers' keys;
+    transformers >= 5.6 CLIPTextModel drops the text_model. prefix)."""
+    def canonical(state):
+        return {("text_model." + k if k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) else k): v
+                for k, v in state.items() if not k.endswith("position_ids")}
+
+    got, want = canonical(ours.state_dict()), canonical(ref.state_dict())
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:10]
+    for k, v in want.items():
+        v = v if cast is None else v.to(cast).to(got[k].dtype)
+        assert torch.equal(got[k], v), k
+
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

@@ -6,8 +6,6 @@ config) and ldm_engine must load the same weights: module outputs are compared w
 and with the pipeline they came from (fp32, CPU, relative error <= 1e-4).
 """
 
-import copy
-
 import pytest
 import torch
 
@@ -16,7 +14,8 @@ pytest.importorskip("transformers")
 import safetensors.torch as st  # noqa: E402
 
 from loading_fixtures import (  # noqa: E402
-    assert_controlnet_matches, assert_text_encoder_matches, assert_unet_matches, assert_vae_matches,
+    assert_controlnet_matches, assert_same_weights, assert_text_encoder_matches, assert_unet_matches,
+    assert_vae_matches,
     clip_to_ldm, clip_to_open_clip, controlnet_to_single_file, pipeline_to_single_file, tiny_controlnet,
     tiny_controlnet_folder, tiny_pipeline, tiny_pipeline_folder, unet_to_ldm, vae_to_ldm,
 )
@@ -68,12 +67,15 @@ def test_single_file_pipeline_matches_diffusers_from_single_file(tmp_path, offli
     original = tiny_pipeline(family)
 
     assert ours.family == family and ours.source == str(path)
-    for other in (ref, original):
-        assert_unet_matches(ours.unet, other.unet, family)
-        assert_vae_matches(ours.vae, other.vae)
-        assert_text_encoder_matches(ours.text_encoder, other.text_encoder)
-        if family == "sdxl":
-            assert_text_encoder_matches(ours.text_encoder_2, other.text_encoder_2)
+    # Outputs against diffusers' own conversion of the file ...
+    assert_unet_matches(ours.unet, ref.unet, family)
+    assert_vae_matches(ours.vae, ref.vae)
+    assert_text_encoder_matches(ours.text_encoder, ref.text_encoder)
+    if family == "sdxl":
+        assert_text_encoder_matches(ours.text_encoder_2, ref.text_encoder_2)
+    # ... and bit-exact weights against the pipeline the file was written from.
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ()):
+        assert_same_weights(getattr(ours, name), getattr(original, name))
     assert ours.tokenizer.pad_token_id == (0 if family == "sd2" else 49407)
     if family == "sdxl":
         assert ours.tokenizer_2.pad_token_id == 0
@@ -86,26 +88,26 @@ def test_controlnet_single_file_matches_diffusers_from_single_file(tmp_path, off
     ref = ControlNetModel.from_single_file(str(path), config=str(tiny_controlnet_folder("sd1")), local_files_only=True)
     ours = load_controlnet(path, config=tiny_controlnet_folder("sd1"))
     assert_controlnet_matches(ours, ref, "sd1")
-    assert_controlnet_matches(ours, tiny_controlnet("sd1"), "sd1")
+    assert_same_weights(ours, tiny_controlnet("sd1"))
 
 
 def test_controlnet_single_file_unprefixed_fp16_and_sdxl(tmp_path):
     # ComfyUI-style fp16 re-uploads drop the control_model. prefix.
     state = {k: v.half() for k, v in controlnet_to_single_file("sd1", prefix="").items()}
     ours = load_controlnet(write(tmp_path, "cn16.safetensors", state), config=tiny_controlnet_folder("sd1"))
-    assert_controlnet_matches(ours, copy.deepcopy(tiny_controlnet("sd1")).half().float(), "sd1")
+    assert_same_weights(ours, tiny_controlnet("sd1"), cast=torch.float16)
     # diffusers has no ldm-layout converter for SDXL ControlNets (it leaves label_emb unloaded),
     # so the SDXL case is checked against the original model only.
     path = write(tmp_path, "cnxl.safetensors", controlnet_to_single_file("sdxl"))
     ours = load_controlnet(path, config=tiny_controlnet_folder("sdxl") / "config.json")
-    assert_controlnet_matches(ours, tiny_controlnet("sdxl"), "sdxl")
+    assert_same_weights(ours, tiny_controlnet("sdxl"))  # outputs: see test_loading's ControlNet folder test
 
 
 def test_controlnet_single_file_in_diffusers_layout(tmp_path):
     net = tiny_controlnet("sdxl")
     path = write(tmp_path, "diffusers_layout.safetensors", {k: v.contiguous() for k, v in net.state_dict().items()})
     ours = load_controlnet(path, config=dict(net.config))
-    assert_controlnet_matches(ours, net, "sdxl")
+    assert_same_weights(ours, net)
 
 
 def test_pickle_single_file_loads_only_with_allow_pickle(tmp_path):
@@ -114,7 +116,8 @@ def test_pickle_single_file_loads_only_with_allow_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load a pickle"):
         load_pipeline(path, config=tiny_pipeline_folder("sd1"))
     ours = load_pipeline(path, config=tiny_pipeline_folder("sd1"), allow_pickle=True)
-    assert_unet_matches(ours.unet, tiny_pipeline("sd1").unet, "sd1")
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(ours, name), getattr(tiny_pipeline("sd1"), name))
 
 
 # ---- errors ----------------------------------------------------------------------------------------
