@@ -550,8 +550,10 @@ class ModelBench:
     """Everything for one model on one device: weights folder, loaded networks, one Runner per variant."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, *, weights_dir: Path = DEFAULT_WEIGHTS_DIR,
-                 seed: int = 0, output_type: str = "pt", compile_mode: str = "default", log=print):
+                 seed: int = 0, output_type: str = "pt", compile_mode: str = "default",
+                 images_dir: Path | None = None, log=print):
         self.spec, self.device, self.seed, self.output_type = spec, device, seed, output_type
+        self.images_dir = images_dir   # shares each variant's last images with later subprocesses
         self.compile_mode, self.log = compile_mode, log
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.folder = write_random_pipeline(spec, weights_dir, dtype=self.dtype, seed=seed, device=device, log=log)
@@ -626,6 +628,8 @@ class ModelBench:
                        finite=bool(torch.isfinite(images).all()),
                        **summarize(s, runner, runs=runs, flops=self.flops, batch=2 if s.cfg else 1))
             self.images[variant] = images
+            if self.images_dir is not None:
+                torch.save(images, self._image_file(variant))
         except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
             import traceback
 
@@ -639,9 +643,16 @@ class ModelBench:
                 self._free()
         return row
 
+    def _image_file(self, variant: str) -> Path:
+        return self.images_dir / f"images-{self.spec.name}-{variant.replace('[', '_').replace(']', '')}.pt"
+
     def run(self, variants, *, runs: int, warmup: int, on_row=None) -> list[dict]:
         """Measures ``variants`` in RUN_ORDER; ``on_row(rows)`` after each (to save partial results)."""
         self.images = {}
+        if self.images_dir is not None and REFERENCE_VARIANT not in variants:
+            ref = self._image_file(REFERENCE_VARIANT)   # measured by an earlier subprocess
+            if ref.is_file():
+                self.images[REFERENCE_VARIANT] = torch.load(ref)
         ordered = [v for v in RUN_ORDER if v in variants]
         rows = []
         for v in ordered:
@@ -724,6 +735,8 @@ def render(rows: list[dict], env: dict | None, *, markdown: bool) -> str:
     table = common.format_table(HEADERS, table_rows(rows), markdown=markdown, formats=FORMATS, left=2)
     reasons = [f"{r['model']} {r['variant']} {r.get('status')}: {r.get('reason', '')}" for r in rows
                if r.get("status") != "ok"]
+    reasons += [f"{r['model']} {r['variant']}: NON-FINITE pixels in the output (NaN/inf)" for r in rows
+                if r.get("status") == "ok" and r.get("finite") is False]
     if reasons:
         table += "\n\n" + "\n".join(("- " if markdown else "") + line for line in reasons)
     notes = ("medians; text enc includes tokenisation; unet ms/call is one U-Net call (both CFG halves); "
@@ -763,6 +776,7 @@ def _parse(argv=None):
                    help="seconds for the whole run: each model subprocess gets what is left (partial rows are "
                         "kept); models that no longer fit are reported as skipped")
     p.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--images-dir", type=Path, help=argparse.SUPPRESS)  # last images per variant, across children
     args = p.parse_args(argv)
     if args.tiny:
         args.model = args.model or ["tiny"]
@@ -798,12 +812,25 @@ def _variants_for(args, model: str) -> list[str]:
     return list(args.variants)
 
 
-def _child_argv(args, model: str, child_json: Path) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--device", args.device,
-            "--runs", str(args.runs), "--warmup", str(args.warmup), "--variants", ",".join(_variants_for(args, model)),
+def _child_argv(args, model: str, variants: list[str], child_json: Path, images_dir: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--model", model, "--device", args.device,
+            "--runs", str(args.runs), "--warmup", str(args.warmup), "--variants", ",".join(variants),
             "--compile-mode", args.compile_mode, "--weights-dir", str(args.weights_dir), "--seed", str(args.seed),
-            "--output-type", args.output_type, "--isolate", "no", "--no-ceilings", "--child-json", str(child_json)]
-    return argv
+            "--output-type", args.output_type, "--isolate", "no", "--no-ceilings", "--child-json", str(child_json),
+            "--images-dir", str(images_dir)]
+
+
+def _jobs(args) -> list[tuple[str, list[str]]]:
+    """(model, variants) per subprocess: every model's main variants first, then the slow compiled ones."""
+    main = [(m, [v for v in _variants_for(args, m) if v != "diffusers+compile"]) for m in args.model]
+    compiled = [(m, ["diffusers+compile"]) for m in args.model if "diffusers+compile" in _variants_for(args, m)]
+    return [(m, v) for m, v in main if v] + compiled
+
+
+def _row_order(row: dict) -> tuple:
+    model_rank = list(MODELS).index(row["model"]) if row.get("model") in MODELS else len(MODELS)
+    variant = row.get("variant")
+    return model_rank, RUN_ORDER.index(variant) if variant in RUN_ORDER else len(RUN_ORDER)
 
 
 def _log(msg: str) -> None:
@@ -827,7 +854,7 @@ def main(argv=None) -> int:
 
     def bench(model: str, on_row=None) -> list[dict]:
         return ModelBench(MODELS[model], device, weights_dir=args.weights_dir, seed=args.seed,
-                          output_type=args.output_type, compile_mode=args.compile_mode,
+                          output_type=args.output_type, compile_mode=args.compile_mode, images_dir=args.images_dir,
                           log=_log).run(_variants_for(args, model), runs=args.runs, warmup=args.warmup, on_row=on_row)
 
     if args.child_json:  # one model, inside a subprocess of the parent run: rows only, saved after each variant
@@ -858,34 +885,41 @@ def main(argv=None) -> int:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)
             args.markdown.write_text("## Pipeline benchmark\n\n" + render(rows, env, markdown=True))
 
-    for m in args.model:
-        if not isolate:
+    if not isolate:
+        for m in args.model:
             rows += bench(m)
             save()
-            continue
-        timeout = args.model_timeout
-        if args.time_budget is not None:
-            left = args.time_budget - (time.monotonic() - t_start) - 10.0
-            if left < 45.0:
-                rows.append({"model": m, "variant": "*", "status": "skipped",
-                             "reason": f"out of time (--time-budget {args.time_budget:.0f} s)"})
+    else:
+        images_dir = Path(tempfile.mkdtemp(prefix="ldm_bench_images_"))
+        try:
+            for m, variants in _jobs(args):
+                timeout = args.model_timeout
+                if args.time_budget is not None:
+                    left = args.time_budget - (time.monotonic() - t_start) - 10.0
+                    if left < 45.0:
+                        rows += [{"model": m, "variant": v, "status": "skipped",
+                                  "reason": f"out of time (--time-budget {args.time_budget:.0f} s)"} for v in variants]
+                        save()
+                        continue
+                    timeout = left if timeout is None else min(timeout, left)
+                child_json = images_dir / f"rows-{m}-{len(rows)}.json"
+                try:
+                    proc = subprocess.run(_child_argv(args, m, variants, child_json, images_dir), timeout=timeout)
+                    failure = None if proc.returncode == 0 else f"subprocess exited with status {proc.returncode}"
+                except subprocess.TimeoutExpired:
+                    failure = f"timed out after {timeout:.0f} s"
+                got = json.loads(child_json.read_text())["rows"] if child_json.is_file() else []
+                rows += got
+                if failure:
+                    finished = {r["variant"] for r in got}
+                    rows += [{"model": m, "variant": v, "status": "error",
+                              "reason": f"{failure} (in this model's subprocess)"} for v in variants if v not in finished]
+                rows.sort(key=_row_order)
                 save()
-                continue
-            timeout = left if timeout is None else min(timeout, left)
-        with tempfile.TemporaryDirectory() as tmp:
-            child_json = Path(tmp) / "rows.json"
-            try:
-                proc = subprocess.run(_child_argv(args, m, child_json), timeout=timeout)
-                failure = None if proc.returncode == 0 else f"subprocess exited with status {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                failure = f"timed out after {timeout:.0f} s"
-            got = json.loads(child_json.read_text())["rows"] if child_json.is_file() else []
-            rows += got
-            if failure:
-                rows.append({"model": m, "variant": "*", "status": "error",
-                             "reason": f"{failure}; {len(got)} variant(s) finished before"})
-        save()
+        finally:
+            shutil.rmtree(images_dir, ignore_errors=True)
 
+    rows.sort(key=_row_order)
     save()
     print("\n" + render(rows, env, markdown=False), flush=True)
     bad = [r for r in rows if r.get("status") == "error"]

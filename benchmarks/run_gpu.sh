@@ -3,8 +3,8 @@
 # the suite, run the benchmarks, and write logs, JSON and markdown tables under one results folder.
 #
 #   bash benchmarks/run_gpu.sh prepare                      # HERE, before device calls: wheels + commit into .whl/
-#   bash benchmarks/run_gpu.sh setup tests bench-ops        # device call 1 (carry .whl)
-#   bash benchmarks/run_gpu.sh bench-other bench-pipeline   # device call 2 (carry .whl)
+#   bash benchmarks/run_gpu.sh setup tests bench-ops bench-other   # device call 1 (carry .whl)
+#   bash benchmarks/run_gpu.sh bench-pipeline                      # device call 2 (carry .whl)
 #   CALL_BUDGET=100000 bash benchmarks/run_gpu.sh all       # everything, where no 10-minute limit applies
 #
 # Phases: prepare | setup | tests | bench-ops | bench-other (every other benchmarks/bench_*.py) |
@@ -14,8 +14,8 @@
 # copy bandwidth and bf16 matmul ceilings).
 #
 # Results: ${OUT:-benchmarks/results/<date>-<gpu>}, at most 8 files per call (the device tool's limit):
-#   call 1: env.json summary.md setup.log tests-gpu.log tests-rest.log ops.log ops.json
-#   call 2: env.json summary.md setup.log other.log <bench>.json pipeline.json pipeline.md pipeline.log
+#   call 1: env.json summary.md setup.log tests-gpu.log tests-rest.log ops.log ops.json other.log
+#   call 2: env.json summary.md setup.log pipeline.json pipeline.md pipeline.log
 #   (each call writes only its phases' files, plus env.json, setup.log and summary.md).
 #
 # Environment knobs:
