@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ldm_engine.pipeline.defaults import vae_needs_fp32
+
 from . import contracts as C
 from .contracts import ContractError, ShapeProfile
 from .manifest import (MANIFEST, ExportDirError, atomic_write_json, check_same_model,
@@ -146,8 +148,8 @@ def _plan_jobs(comps, controlnets, o: ExportOptions) -> list[_Job]:
     text_embeds_dim = int(te2.config.projection_dim) if te2 is not None else 1280
     seq = int(comps.text_encoder.config.max_position_embeddings)
     vae_dtype = o.dtype
-    if o.dtype == "fp16" and getattr(comps.vae.config, "force_upcast", False):
-        vae_dtype = "fp32"  # the SDXL VAE overflows in fp16 (its config says force_upcast)
+    if o.dtype == "fp16" and vae_needs_fp32(comps.family, comps.vae.config):
+        vae_dtype = "fp32"  # the SDXL VAE overflows in fp16
     jobs = []
     wanted = set(o.components)
     if "text_encoder" in wanted:
@@ -300,10 +302,10 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
 
 def _precision(job: _Job, o: ExportOptions) -> str:
     """The engine's precision: the ONNX dtype (strong typing), or the requested one (weak typing),
-    except for a VAE whose config asks for fp32 (force_upcast)."""
+    except for a VAE planned in fp32 (see vae_needs_fp32)."""
     if o.typing == "strong":
         return job.contract.dtype
-    if job.contract.kind.startswith("vae") and getattr(job.module.config, "force_upcast", False):
+    if job.contract.kind.startswith("vae") and job.contract.dtype == "fp32":
         return "fp32"
     return o.dtype
 

@@ -26,7 +26,7 @@ import torch
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
 from ldm_engine.pipeline import validation as check
 from ldm_engine.pipeline.conditioning import encode_prompts
-from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index
+from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
 from ldm_engine.pipeline.images import expand_batch, parse_image, postprocess
 from ldm_engine.pipeline.timing import StageTimer
 
@@ -118,9 +118,7 @@ class Engine:
         unet_cfg, vae_cfg = components.unet.config, components.vae.config
 
         vae = components.vae
-        # fp16 overflows in the SDXL (and SD2) VAE; diffusers runs it in fp32 when force_upcast is set.
-        if (self.dtype == torch.float16 and getattr(vae_cfg, "force_upcast", False)
-                and isinstance(vae, torch.nn.Module)):
+        if self.dtype == torch.float16 and vae_needs_fp32(self.family, vae_cfg) and isinstance(vae, torch.nn.Module):
             vae.to(torch.float32)
         self.vae_dtype = _module_dtype(vae, self.dtype)
         self.unet_dtype = _module_dtype(components.unet, self.dtype)

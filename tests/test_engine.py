@@ -322,6 +322,13 @@ def test_fp16_runs_vae_in_fp32_when_force_upcast(paths, sdxl_turbo):
     assert np.isfinite(half).all() and np.abs(half - full).max() < 0.05
 
 
+def test_fp16_keeps_sd_vae_in_fp16_despite_force_upcast(paths):
+    # SD1/SD2 VAE configs say force_upcast too, but diffusers' SD pipelines ignore it: so do we.
+    engine = Engine.from_pretrained(paths["sd-turbo"], dtype="fp16")
+    assert engine.components.vae.config.force_upcast
+    assert engine.unet_dtype == torch.float16 and engine.vae_dtype == torch.float16
+
+
 @pytest.mark.cuda
 def test_cuda_fp16_tiny(paths):
     engine = Engine.from_pretrained(paths["sdxl-turbo"], device="cuda")

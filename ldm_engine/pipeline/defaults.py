@@ -87,3 +87,14 @@ def model_defaults(family: str, names, scheduler_config: dict, model_index: dict
                      if k in hint}
         d = replace(d, **overrides)
     return d
+
+
+def vae_needs_fp32(family: str, vae_config) -> bool:
+    """Whether the VAE must run in fp32 when the engine runs in fp16.
+
+    The SDXL VAE overflows in fp16 and its config says ``force_upcast``; diffusers' SDXL pipelines
+    then decode in fp32. SD1/SD2 (and SD-Turbo) VAE configs carry ``force_upcast: true`` as well (a
+    diffusers default), but that VAE is fine in fp16 and diffusers' SD pipelines ignore the flag --
+    so do we: at one step the VAE decoder is ~3x the U-Net's cost, and fp32 would double it.
+    """
+    return family == "sdxl" and bool(getattr(vae_config, "force_upcast", False))
