@@ -16,7 +16,7 @@ import safetensors.torch as st  # noqa: E402
 
 from loading_fixtures import (  # noqa: E402
     assert_controlnet_matches, assert_text_encoder_matches, assert_unet_matches, assert_vae_matches,
-    make_unet, scratch_dir, tiny_controlnet, tiny_controlnet_folder, tiny_pipeline, tiny_pipeline_folder,
+    make_unet, tiny_controlnet, tiny_controlnet_folder, tiny_pipeline, tiny_pipeline_folder,
     write_tokenizer,
 )
 
@@ -341,3 +341,14 @@ def test_reader_casts_floats_keeps_ints_and_returns_owned_tensors(tmp_path, io):
     assert torch.equal(half, tensors["big"].half())
     got["big"].add_(1)  # owned, writable memory, valid after the file is closed
     assert torch.equal(got["big"], tensors["big"] + 1)
+
+
+@pytest.mark.cuda
+def test_load_to_cuda_in_fp16_matches_cpu_load():
+    folder = tiny_pipeline_folder("sdxl")
+    gpu = load_pipeline(folder, device="cuda", dtype=torch.float16)
+    cpu = load_pipeline(folder, dtype=torch.float16)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(gpu, name).state_dict(), getattr(cpu, name).state_dict()
+        assert all(t.device.type == "cuda" for t in got.values())
+        assert all(torch.equal(got[k].cpu(), want[k]) for k in want)

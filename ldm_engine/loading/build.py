@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ldm_engine.errors import CheckpointError
-from ldm_engine.loading.checkpoint_keys import IGNORE, KeyMapper, apply_op, target_shape
+from ldm_engine.loading.checkpoint_keys import KeyMapper, apply_op, target_shape
 from ldm_engine.loading.safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")

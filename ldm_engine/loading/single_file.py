@@ -50,7 +50,7 @@ def _configs_from_folder(config: Any, family: str, source: str) -> dict[str, Any
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         out["scheduler"] = read_json(sched, "scheduler config")
-    for i, name in enumerate(("tokenizer", "tokenizer_2")):
+    for name in ("tokenizer", "tokenizer_2"):
         if (root / name).is_dir():
             out[name] = folder_tokenizer(root / name)
     return out
