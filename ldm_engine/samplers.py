@@ -638,8 +638,14 @@ def build_schedule(name: str, scheduler_config: dict, num_inference_steps: int, 
     if not 1 <= n <= c.num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in [1, {c.num_train_timesteps}], got {n}")
     begin = _first_step(int(n), strength)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = _BUILDERS[name](c, int(n), begin)
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b = _BUILDERS[name](c, int(n), begin)
+    except IndexError:  # e.g. "leading" spacing + steps_offset=1 at n = num_train_timesteps reaches t = N
+        raise ValueError(
+            f"num_inference_steps={n} is too many for sampler {name!r} with timestep_spacing="
+            f"{getattr(c, 'timestep_spacing', None)!r} and steps_offset={getattr(c, 'steps_offset', 0)}: the "
+            f"schedule reaches a timestep >= num_train_timesteps ({c.num_train_timesteps}); use fewer steps") from None
     return Schedule(name=name, timesteps=b["timesteps"].to(device), init_noise_sigma=b["init_noise_sigma"],
                     prediction_type=c.prediction_type, sigmas=b["sigmas"], _input_scale=tuple(b["input_scale"]),
                     _coefs=tuple(b["coefs"]), _advance=b["advance"], _noise_coefs=b["noise_coefs"],

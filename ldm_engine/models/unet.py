@@ -298,6 +298,15 @@ class UNetEncoder(nn.Module):
         self.down_blocks = nn.ModuleList(DownBlock(config, i) for i in range(config.num_blocks))
         self.mid_block = MidBlock(config)
 
+    # The engine reads .dtype / .device of its networks (exported backends' wrappers have them too).
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
     def embed_time(self, sample: torch.Tensor, timestep, text_embeds: torch.Tensor | None,
                    time_ids: torch.Tensor | None) -> torch.Tensor:
         """Time embedding (N, 4*C0), plus the SDXL added conditioning (pooled text + 6 time ids)."""

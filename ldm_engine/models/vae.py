@@ -175,6 +175,14 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    @property
     def downscale(self) -> int:
         """Pixels per latent pixel (8 for the SD/SDXL VAE)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
