@@ -111,7 +111,9 @@ class Engine:
         self.components = components
         self.controlnets = list(controlnets)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        # Without an explicit dtype, the networks' own dtype (components may come loaded in fp16).
+        self.dtype = (resolve_dtype(dtype, self.device) if dtype is not None
+                      else _module_dtype(components.unet, resolve_dtype(None, self.device)))
         self.family = components.family
         if self.family == "sdxl" and components.text_encoder_2 is None:
             raise InvalidInputError("an SDXL pipeline needs text_encoder_2 and tokenizer_2")
@@ -144,12 +146,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, backend: str = "torch",
                         controlnet=None, scheduler: str | None = None, engine_dir=None,
-                        variant: str | None = None) -> Engine:
+                        variant: str | None = None, config=None, prediction_type: str | None = None) -> Engine:
         """Loads a diffusers-format pipeline (local folder or Hugging Face cache snapshot).
 
         controlnet: a path / repo id, a loaded ControlNetModel, or a list of them (multi-ControlNet).
         scheduler: a name from ldm_engine.samplers.SAMPLER_NAMES, or None for the model's own.
         backend: "torch", or "onnxruntime" / "tensorrt" with ``engine_dir`` written by ldm_engine.export.
+        config, prediction_type: for single-file checkpoints, which carry no config: a diffusers folder
+        or repo id describing the architecture, and the prediction type ("epsilon" / "v_prediction").
         """
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -159,10 +163,11 @@ class Engine:
             from ldm_engine.loading import load_controlnet, load_pipeline
 
             dtype = resolve_dtype(dtype, device, prefer_bf16=_wants_upcast_attention(path_or_repo_id))
-            comps = load_pipeline(path_or_repo_id, device=str(device), dtype=dtype, variant=variant)
+            comps = load_pipeline(path_or_repo_id, device=str(device), dtype=dtype, variant=variant,
+                                  config=config, prediction_type=prediction_type)
             specs = controlnet if isinstance(controlnet, (list, tuple)) else ([] if controlnet is None else [controlnet])
-            nets = [c if isinstance(c, torch.nn.Module) else load_controlnet(c, device=str(device), dtype=dtype)
-                    for c in specs]
+            nets = [c.to(device=device, dtype=dtype) if isinstance(c, torch.nn.Module)
+                    else load_controlnet(c, device=str(device), dtype=dtype) for c in specs]
         else:
             if engine_dir is None:
                 raise InvalidInputError(f"backend={backend!r} needs engine_dir (a folder written by ldm_engine.export)")

@@ -109,6 +109,8 @@ BAD_CALLS = [
     ("latents-device", dict(latents=torch.zeros(1, 4, 16, 16, device="meta")), InvalidInputError,
      ["latents", "device"]),
     ("latents-type", dict(latents=np.zeros((1, 4, 16, 16), np.float32)), TypeError, ["latents", "Tensor"]),
+    ("latents-nan", dict(latents=torch.randn(1, 4, 16, 16).index_fill_(2, torch.tensor([3]), float("nan"))),
+     InvalidInputError, ["latents", "NaN"]),
     ("num-images-zero", dict(num_images_per_prompt=0), InvalidInputError, ["num_images_per_prompt"]),
     ("output-type", dict(output_type="jpeg"), InvalidInputError, ["output_type", "pil"]),
     ("seed-negative", dict(seed=-1), InvalidInputError, ["seed"]),

@@ -145,8 +145,6 @@ def test_half_precision_latents_stay_fp32_and_vae_upcast(engines, dtype, monkeyp
     assert seen == [torch.float32 if dtype == torch.float16 else dtype]  # force_upcast only for fp16
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py: a ControlNet passed as a module is not cast to the engine's "
-                                       "dtype/device (mat1 and mat2 must have the same dtype)")
 def test_preloaded_controlnet_module_follows_engine_dtype(paths):
     net = load_controlnet(paths["controlnet-sd"])  # fp32
     engine = Engine.from_pretrained(paths["sd15"], dtype=torch.bfloat16, controlnet=net)
@@ -154,8 +152,6 @@ def test_preloaded_controlnet_module_follows_engine_dtype(paths):
     assert np.isfinite(out.images).all()
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py: Engine(components) decides the fp16 VAE upcast from the dtype "
-                                       "argument (fp32 by default on CPU), not from the modules' dtype")
 def test_engine_from_fp16_components_upcasts_force_upcast_vae(paths):
     comps = load_pipeline(paths["sdxl-turbo"], dtype=torch.float16)
     assert comps.vae.config.force_upcast
@@ -172,7 +168,7 @@ def test_single_file_checkpoint_generates_the_folder_image(family, dtype):
     file = lf.scratch_dir("integration") / f"{family}.safetensors"
     save_file(lf.pipeline_to_single_file(family), str(file))
     # Engine.from_pretrained(file) takes the family's real architecture; the tiny one needs config=.
-    single = Engine(load_pipeline(file, config=folder, dtype=dtype), dtype=dtype, name=str(file))
+    single = Engine.from_pretrained(file, config=folder, dtype=dtype)
     assert single.family == family
     from_folder = Engine.from_pretrained(folder, dtype=dtype)
     kw = dict(seed=3, num_inference_steps=1, guidance_scale=3.0, negative_prompt="low quality",

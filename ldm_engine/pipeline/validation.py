@@ -166,4 +166,6 @@ def check_latents(latents, shape: tuple[int, ...], device: torch.device) -> torc
     if latents.device.type != device.type or (
             device.index is not None and latents.device.index not in (None, device.index)):
         raise InvalidInputError(f"latents must be on the engine's device {device}, got {latents.device}")
+    if not bool(torch.isfinite(latents).all()):  # once, before the loop: NaN/inf would give a NaN image
+        raise InvalidInputError("latents contain NaN or infinite values")
     return latents
