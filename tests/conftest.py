@@ -1,9 +1,15 @@
 """Shared test setup: markers that skip, with a reason, what this machine cannot run."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. triton.jit picks interpreted or
+# compiled when a kernel module is imported, so this must be set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
