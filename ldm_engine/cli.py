@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate an image (text-to-image, img2img or ControlNet)",
                        description="Generate image(s). Without --model, runs the tiny demo model with random weights.")
-    g.add_argument("--model", help="diffusers pipeline folder or Hugging Face repo id (in the local cache), "
+    g.add_argument("--model", help="diffusers pipeline folder, single-file .safetensors checkpoint, or Hugging Face repo id "
+                                   "(in the local cache), "
                                    "e.g. stabilityai/sd-turbo; omitted: the tiny demo model (random weights)")
     g.add_argument("--prompt", default=None, help=f"text prompt (default with the demo model: {DEMO_PROMPT!r})")
     g.add_argument("--negative-prompt", default=None)

@@ -147,7 +147,7 @@ class Engine:
     def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, backend: str = "torch",
                         controlnet=None, scheduler: str | None = None, engine_dir=None,
                         variant: str | None = None, config=None, prediction_type: str | None = None) -> Engine:
-        """Loads a diffusers-format pipeline (local folder or Hugging Face cache snapshot).
+        """Loads a pipeline: a diffusers folder, a Hugging Face cache snapshot (repo id), or a single-file checkpoint.
 
         controlnet: a path / repo id, a loaded ControlNetModel, or a list of them (multi-ControlNet).
         scheduler: a name from ldm_engine.samplers.SAMPLER_NAMES, or None for the model's own.
