@@ -7,6 +7,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from ldm_engine.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
 from ldm_engine.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from model_utils import randomize_, rel_err  # noqa: E402
 
 TOL = 1e-4
 LATENT_HW = (13, 10)
@@ -26,26 +27,6 @@ SDXL = dict(
     conditioning_embedding_out_channels=HINT_WIDTHS,
 )
 CONFIGS = {"sd": SD, "sdxl": SDXL}
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Non-zero random weights everywhere (incl. the zero convs): weights ~ N(0, 1/fan_in),
-    biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def build_pair(kind: str, seed: int = 0, **overrides):

@@ -8,6 +8,7 @@ diffusers = pytest.importorskip("diffusers")
 from ldm_engine import ops  # noqa: E402
 from ldm_engine.models import layers  # noqa: E402
 from ldm_engine.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from model_utils import randomize_, rel_err  # noqa: E402
 
 TOL = 1e-4
 LATENT_HW = (13, 10)  # not a multiple of 4: exercises the up path's explicit upsample sizes
@@ -32,26 +33,6 @@ SDXL = dict(
 )
 CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 POOLED_DIM = 16
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Non-zero random weights everywhere (incl. diffusers' zero-initialised layers): weights
-    ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1 and name.endswith("weight"):  # GroupNorm / LayerNorm scale
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def build_pair(kind: str, seed: int = 0):

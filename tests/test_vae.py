@@ -7,6 +7,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from ldm_engine import ops  # noqa: E402
 from ldm_engine.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from model_utils import randomize_, rel_err  # noqa: E402
 
 TOL = 1e-4
 TINY = dict(
@@ -18,26 +19,6 @@ VARIANTS = {
     "no_quant_convs": dict(use_quant_conv=False, use_post_quant_conv=False),
     "no_mid_attention": dict(mid_block_add_attention=False),
 }
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Non-zero random weights everywhere: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2),
-    norm scales ~ 1 + N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def build_pair(seed: int, **overrides):
