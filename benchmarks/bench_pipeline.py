@@ -15,6 +15,7 @@ Variants, side by side on one device:
                                     (an input a backend cannot take still falls back to torch)
     diffusers                       StableDiffusion(XL)Pipeline, eager
     diffusers+compile               the same with torch.compile on the U-Net and VAE decoder (--compile)
+    ldm_engine[torch]+compile       Engine.compile(): torch.compile (fullgraph) on U-Net, ControlNets, VAE decoder (--compile)
 
 Per variant: per-stage latency (text encoder incl. tokenisation, U-Net per call, VAE decode; CUDA events),
 end-to-end latency (host clock between two device synchronisations), medians of --runs after --warmup,
@@ -67,11 +68,18 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 NEGATIVE_PROMPT = "blurry, low quality, deformed"
 OPS_BACKENDS = ("torch", "triton", "cuda")
 ENGINE_VARIANTS = tuple(f"ldm_engine[{b}]" for b in OPS_BACKENDS)
-ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers", "diffusers+compile")
+COMPILED_VARIANTS = ("ldm_engine[torch]+compile", "diffusers+compile")
+ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + COMPILED_VARIANTS
 # Run order inside one model: the new GPU kernels (which could poison the CUDA context) after the two
-# baselines; diffusers+compile last, since its compilation is slow and may run out of the time budget.
-RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", "diffusers+compile")
+# baselines; the compiled variants last, since compilation is slow and may run out of the time budget
+# (and Engine.compile() changes the shared engine in place).
+RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *COMPILED_VARIANTS)
 REFERENCE_VARIANT = "diffusers"
+
+
+def _ops_backend_of(variant: str) -> str:
+    """"ldm_engine[triton]" -> "triton" (also with a "+compile" suffix)."""
+    return variant[len("ldm_engine["):variant.index("]")]
 
 
 @dataclass(frozen=True)
@@ -566,7 +574,7 @@ class ModelBench:
 
     def problem(self, variant: str) -> str | None:
         if variant.startswith("ldm_engine["):
-            return _ops_backend_problem(variant[len("ldm_engine["):-1], self.device)
+            return _ops_backend_problem(_ops_backend_of(variant), self.device)
         return _diffusers_problem()
 
     def _alloc(self) -> int:
@@ -588,7 +596,10 @@ class ModelBench:
                 self.engine = EngineRunner.load(self.folder, self.device, self.dtype)
                 self.engine_load_s = time.perf_counter() - t0
                 self.engine_weights = self._alloc() - self.engine_base
-            r = EngineRunner(self.spec, self.device, self.engine, variant[len("ldm_engine["):-1], **kw)
+            if variant.endswith("+compile"):
+                self.engine.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+            r = EngineRunner(self.spec, self.device, self.engine, _ops_backend_of(variant), **kw)
+            r.variant = variant
             r.load_s = self.engine_load_s
             r.weights_bytes = self.engine_weights
             return r, self.engine_base
@@ -758,11 +769,11 @@ def _parse(argv=None):
     p.add_argument("--runs", type=int, default=None, help="timed runs per variant (default 10; --tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; --tiny 1)")
     p.add_argument("--variants", default=None,
-                   help=f"comma list from {', '.join(ALL_VARIANTS)} (default: all but diffusers+compile)")
-    p.add_argument("--compile", action="store_true", help="add diffusers+compile (slow to compile)")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode for diffusers+compile")
+                   help=f"comma list from {', '.join(ALL_VARIANTS)} (default: all but the +compile ones)")
+    p.add_argument("--compile", action="store_true", help="add ldm_engine[torch]+compile and diffusers+compile (slow to compile)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for the +compile variants")
     p.add_argument("--compile-models", default=None,
-                   help="comma list: run diffusers+compile only for these models (default: all with --compile)")
+                   help="comma list: run the +compile variants only for these models (default: all with --compile)")
     p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS_DIR, help="where random-weight folders live")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-type", default="pt", choices=("pt", "np", "pil"))
@@ -798,9 +809,9 @@ def _parse(argv=None):
         if bad:
             p.error(f"unknown variant(s) {bad}; choose from {', '.join(ALL_VARIANTS)}")
     else:
-        args.variants = [v for v in ALL_VARIANTS if v != "diffusers+compile"]
-    if args.compile and "diffusers+compile" not in args.variants:
-        args.variants.append("diffusers+compile")
+        args.variants = [v for v in ALL_VARIANTS if v not in COMPILED_VARIANTS]
+    if args.compile:
+        args.variants += [v for v in COMPILED_VARIANTS if v not in args.variants]
     args.compile_models = ([m.strip() for m in args.compile_models.split(",") if m.strip()]
                            if args.compile_models else None)
     return args
@@ -808,7 +819,7 @@ def _parse(argv=None):
 
 def _variants_for(args, model: str) -> list[str]:
     if args.compile_models is not None and model not in args.compile_models:
-        return [v for v in args.variants if v != "diffusers+compile"]
+        return [v for v in args.variants if v not in COMPILED_VARIANTS]
     return list(args.variants)
 
 
@@ -822,8 +833,8 @@ def _child_argv(args, model: str, variants: list[str], child_json: Path, images_
 
 def _jobs(args) -> list[tuple[str, list[str]]]:
     """(model, variants) per subprocess: every model's main variants first, then the slow compiled ones."""
-    main = [(m, [v for v in _variants_for(args, m) if v != "diffusers+compile"]) for m in args.model]
-    compiled = [(m, ["diffusers+compile"]) for m in args.model if "diffusers+compile" in _variants_for(args, m)]
+    main = [(m, [v for v in _variants_for(args, m) if v not in COMPILED_VARIANTS]) for m in args.model]
+    compiled = [(m, [v]) for m in args.model for v in COMPILED_VARIANTS if v in _variants_for(args, m)]
     return [(m, v) for m, v in main if v] + compiled
 
 
@@ -977,7 +988,7 @@ if pytest is not None:
         """CPU smoke benchmark at toy size: runs anywhere, in seconds."""
         _run_benchmark(benchmark, _bench_for("tiny", torch.device("cpu"), bench_options), variant, bench_options)
 
-    _FULL_CASES = [(m, v) for m in FULL_MODELS for v in RUN_ORDER if v != "diffusers+compile"]
+    _FULL_CASES = [(m, v) for m in FULL_MODELS for v in RUN_ORDER if v not in COMPILED_VARIANTS]
 
     @pytest.mark.cuda
     @pytest.mark.parametrize("model,variant", _FULL_CASES, ids=[f"{m}-{v}" for m, v in _FULL_CASES])
