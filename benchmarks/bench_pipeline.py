@@ -663,7 +663,7 @@ class ModelBench:
         if self.images_dir is not None and REFERENCE_VARIANT not in variants:
             ref = self._image_file(REFERENCE_VARIANT)   # measured by an earlier subprocess
             if ref.is_file():
-                self.images[REFERENCE_VARIANT] = torch.load(ref)
+                self.images[REFERENCE_VARIANT] = torch.load(ref, weights_only=True)
         ordered = [v for v in RUN_ORDER if v in variants]
         rows = []
         for v in ordered:

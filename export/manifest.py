@@ -209,6 +209,8 @@ def verify_files(directory: str | os.PathLike, manifest: dict, *, relpaths=None,
         if relpaths is not None and rel not in relpaths:
             continue
         path = directory / rel
+        if not path.resolve().is_relative_to(directory.resolve()):  # a tampered manifest
+            raise ExportDirError(f"{directory}: manifest names a file outside the directory ({rel!r})")
         if not path.is_file():
             raise ExportDirError(f"{path} is listed in the manifest but missing; export again")
         size = path.stat().st_size

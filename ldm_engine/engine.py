@@ -141,6 +141,7 @@ class Engine:
                                                  components.scheduler_config, self.model_index,
                                                  unet_cfg, self.vae_scale_factor)
         self.scheduler = scheduler
+        self._copy_unet_output = False  # set by compile() in CUDA-graph modes
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -210,6 +211,8 @@ class Engine:
         if not isinstance(unet, torch.nn.Module):
             raise InvalidInputError("compile() needs the torch backend (exported networks are already compiled)")
         opts = dict(fullgraph=True, mode=mode, backend=backend)
+        # CUDA-graph modes reuse output buffers on the next replay; samplers keep past outputs (PLMS).
+        self._copy_unet_output = mode in ("reduce-overhead", "max-autotune")
         self.components.unet = torch.compile(unet, **opts)
         self.controlnets = [torch.compile(net, **opts) for net in self.controlnets]
         vae = self.components.vae
@@ -319,12 +322,30 @@ class Engine:
         scale = vae_cfg.scaling_factor
         shift = getattr(vae_cfg, "shift_factor", None) or 0.0
         schedule, shape, n_prompts, n = a.schedule, a.shape, len(a.prompts), a.n
-        # All randomness up front, on the CPU, in diffusers' order.
+        # 1. Host-side inputs first: all randomness (on the CPU, in diffusers' order), the init and
+        #    control images. They reach the device before any kernel is queued, since a host->device
+        #    copy behind queued kernels makes the host wait for them.
         gen = torch.Generator("cpu").manual_seed(a.seed)
 
         def randn(shape_):
             return torch.randn(shape_, generator=gen, dtype=torch.float32).to(dev)
 
+        pixels = post_noise = None
+        if a.init is not None:
+            pixels = (a.init.to_tensor(a.height, a.width) * 2.0 - 1.0).to(dev, self.vae_dtype)
+            f = self.vae_scale_factor
+            post_noise = randn((pixels.shape[0], vae_cfg.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f))
+        noise = a.latents.float() if a.latents is not None else randn(shape)
+        noises = None
+        if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
+            noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)]).to(dev)
+        controls = []
+        for c in a.controls:
+            hint = expand_batch(c.to_tensor(a.height, a.width), n_prompts, n, "control_image")
+            hint = hint.to(dev, self.unet_dtype)
+            controls.append(torch.cat([hint, hint]) if a.do_cfg else hint)
+
+        # 2. Text conditioning.
         m_text0 = timer.mark()
         cond = encode_prompts(comps, a.prompts, a.negatives, do_cfg=a.do_cfg, num_images_per_prompt=n,
                               height=a.height, width=a.width,
@@ -332,28 +353,18 @@ class Engine:
                               dtype=self.unet_dtype, device=dev)
         m_text1 = timer.mark()
 
-        if a.init is not None:
-            pixels = a.init.to_tensor(a.height, a.width) * 2.0 - 1.0
-            mean, logvar = comps.vae.encode(pixels.to(dev, self.vae_dtype))
+        # 3. Initial latents: noise, or (img2img) the encoded image noised to the first timestep.
+        if pixels is not None:
+            mean, logvar = comps.vae.encode(pixels)
             std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
-            z = mean.float() + std * randn(mean.shape)          # latent_dist.sample(generator)
+            z = mean.float() + std * post_noise                  # latent_dist.sample(generator)
             z = expand_batch((z - shift) * scale, n_prompts, n, "image")
-            noise = a.latents.float() if a.latents is not None else randn(shape)
             x = schedule.add_noise(z, noise)
         else:
-            noise = a.latents.float() if a.latents is not None else randn(shape)
             x = noise * schedule.init_noise_sigma
         m_enc = timer.mark()
-        noises = None
-        if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
-            noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)]).to(dev)
 
-        controls = []
-        for c in a.controls:
-            hint = expand_batch(c.to_tensor(a.height, a.width), n_prompts, n, "control_image")
-            hint = hint.to(dev, self.unet_dtype)
-            controls.append(torch.cat([hint, hint]) if a.do_cfg else hint)
-
+        # 4. Denoising loop.
         step_marks: list[tuple] = []
         model_fn = self._model_fn(cond, controls, a.scales, a.guidance, a.do_cfg, timer, step_marks)
         from ldm_engine.samplers import sample
@@ -384,6 +395,7 @@ class Engine:
         """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves."""
         unet, nets, dtype = self.components.unet, self.controlnets, self.unet_dtype
         ehs, text_embeds, time_ids = cond.encoder_hidden_states, cond.text_embeds, cond.time_ids
+        copy_output = self._copy_unet_output
 
         def model_fn(x, t):
             m0 = timer.mark()
@@ -392,7 +404,17 @@ class Engine:
                 x_in = torch.cat([x_in, x_in])
             down = mid = None
             for net, hint, s in zip(nets, controls, scales):
-                d, m = net(x_in, t, ehs, hint, conditioning_scale=s, text_embeds=text_embeds, time_ids=time_ids)
+                if do_cfg and getattr(net.config, "global_pool_conditions", False):
+                    # As diffusers (guess mode): such a net sees only the conditional half; the
+                    # unconditional half gets zero residuals.
+                    h = x_in.shape[0] // 2
+                    d, m = net(x_in[h:], t, ehs[h:], hint[h:], conditioning_scale=s,
+                               text_embeds=None if text_embeds is None else text_embeds[h:],
+                               time_ids=None if time_ids is None else time_ids[h:])
+                    d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
+                else:
+                    d, m = net(x_in, t, ehs, hint, conditioning_scale=s, text_embeds=text_embeds,
+                               time_ids=time_ids)
                 if down is None:
                     down, mid = list(d), m
                 else:  # multi-ControlNet: residuals add up
@@ -405,7 +427,8 @@ class Engine:
                 uncond, cond_ = out.chunk(2)
                 out = uncond + guidance * (cond_ - uncond)
             step_marks.append((m0, m1, timer.mark()))
-            return out.to(x.dtype)
+            out = out.to(x.dtype)
+            return out.clone() if copy_output and not do_cfg else out
 
         return model_fn
 

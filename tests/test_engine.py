@@ -221,6 +221,20 @@ def test_controlnet_scale_half(paths, hints):
     assert len(off.timings["controlnet"]) == len(off.timings["unet"]) == 4
 
 
+def test_global_pool_controlnet_guess_mode_like_diffusers(paths, hints, tmp_path):
+    # global_pool_conditions (shuffle-type nets): diffusers runs such a net on the conditional half
+    # only and gives the unconditional half zero residuals.
+    net = diffusers.ControlNetModel.from_pretrained(paths["controlnet-sd"])
+    net.register_to_config(global_pool_conditions=True)
+    net.save_pretrained(tmp_path / "pooled")
+    pipe = _load(diffusers.StableDiffusionControlNetPipeline, paths["sd15"], controlnet=net)
+    engine = Engine.from_pretrained(paths["sd15"], controlnet=tmp_path / "pooled")
+    kw = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=7.5)
+    ref = pipe(image=hints[0], generator=torch.Generator().manual_seed(4), output_type="np", **kw).images
+    ours = engine.generate(control_image=hints[0], seed=4, output_type="np", **kw).images
+    assert np.abs(ours - ref).max() <= TOL
+
+
 def test_two_controlnets(paths, hints):
     nets = [diffusers.ControlNetModel.from_pretrained(paths[k]) for k in ("controlnet-sd", "controlnet-sd-2")]
     pipe = _load(diffusers.StableDiffusionControlNetPipeline, paths["sd15"], controlnet=nets)

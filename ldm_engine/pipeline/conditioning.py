@@ -36,8 +36,11 @@ def _encode_sd(comps, prompts: list[str], device) -> torch.Tensor:
 
 
 def _encode_sdxl(comps, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    out1 = comps.text_encoder(comps.tokenizer(prompts).to(device))
-    out2 = comps.text_encoder_2(comps.tokenizer_2(prompts).to(device))
+    # Both id tensors reach the device before the first encoder is queued: a host->device copy
+    # behind queued kernels would make the host wait for them.
+    ids1, ids2 = comps.tokenizer(prompts).to(device), comps.tokenizer_2(prompts).to(device)
+    out1 = comps.text_encoder(ids1)
+    out2 = comps.text_encoder_2(ids2)
     h1, h2 = out1.penultimate_hidden_state, out2.penultimate_hidden_state
     hidden = torch.cat([h1, h2.to(h1.dtype)], dim=-1)
     return hidden, out2.pooled
@@ -65,6 +68,8 @@ def encode_prompts(comps, prompts: list[str], negative_prompts: list[str] | None
             hidden = _repeat(_encode_sd(comps, prompts, device), n)
         return Conditioning(hidden.to(dtype))
 
+    rows = len(prompts) * n * (2 if do_cfg else 1)
+    time_ids = sdxl_time_ids(height, width, rows, dtype, device)  # before any encoder is queued (see above)
     zero_uncond = do_cfg and negative_prompts is None and force_zeros_for_empty_prompt
     if do_cfg and not zero_uncond:
         uncond = negative_prompts if negative_prompts is not None else [""] * len(prompts)
@@ -80,5 +85,4 @@ def encode_prompts(comps, prompts: list[str], negative_prompts: list[str] | None
         pooled = torch.cat([_repeat(neg_p, n), _repeat(pos_p, n)])
     else:
         hidden, pooled = _repeat(pos_h, n), _repeat(pos_p, n)
-    time_ids = sdxl_time_ids(height, width, hidden.shape[0], dtype, device)
     return Conditioning(hidden.to(dtype), pooled.to(dtype), time_ids)

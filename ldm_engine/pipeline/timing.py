@@ -14,11 +14,13 @@ import torch
 class StageTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        # the engine's device's stream, not the current device's (they differ for cuda:1)
+        self.stream = torch.cuda.current_stream(device) if self.cuda else None
 
     def mark(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(self.stream)
             return event
         return time.perf_counter()
 
