@@ -15,6 +15,7 @@ The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisat
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 import warnings
@@ -142,6 +143,8 @@ class Engine:
                                                  unet_cfg, self.vae_scale_factor)
         self.scheduler = scheduler
         self._copy_unet_output = False  # set by compile() in CUDA-graph modes
+        self._graphed = None            # (components, controlnets) replayed from CUDA graphs
+        self._graph_options = None      # (graphs backend, max_graphs) of enable_cuda_graphs()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -210,14 +213,65 @@ class Engine:
         unet = self.components.unet
         if not isinstance(unet, torch.nn.Module):
             raise InvalidInputError("compile() needs the torch backend (exported networks are already compiled)")
+        graph_mode = mode in ("reduce-overhead", "max-autotune")
+        if graph_mode and self._graph_options is not None:
+            raise InvalidInputError(f"compile(mode={mode!r}) replays CUDA graphs itself; call disable_cuda_graphs() "
+                                    "first, or compile with the default mode and keep enable_cuda_graphs()")
         opts = dict(fullgraph=True, mode=mode, backend=backend)
         # CUDA-graph modes reuse output buffers on the next replay; samplers keep past outputs (PLMS).
-        self._copy_unet_output = mode in ("reduce-overhead", "max-autotune")
+        self._copy_unet_output = graph_mode
         self.components.unet = torch.compile(unet, **opts)
         self.controlnets = [torch.compile(net, **opts) for net in self.controlnets]
         vae = self.components.vae
         vae.decode = torch.compile(vae.decode, **opts)  # the instance attribute shadows the method
+        if self._graph_options is not None:  # graphs of the compiled networks from now on
+            self._install_graphs(*self._graph_options)
         return self
+
+    def enable_cuda_graphs(self, *, max_graphs: int = 8) -> Engine:
+        """Replays every network call (text encoders, ControlNets, U-Net, VAE) from a CUDA graph.
+
+        The first generate() of each new shape (batch, size, guidance on or off, ControlNet scales)
+        runs each network once to warm up, captures it and replays it; later calls with the same
+        shapes only replay. ``max_graphs``: shapes kept per network (least recently used dropped).
+        Works with compile() in its default mode (either order). See ldm_engine.pipeline.cuda_graphs.
+        Returns self.
+        """
+        if self.device.type != "cuda":
+            raise InvalidInputError(f"enable_cuda_graphs() needs a CUDA device; this engine runs on {self.device}")
+        if not isinstance(self.components.unet, torch.nn.Module):
+            raise InvalidInputError("enable_cuda_graphs() needs the torch backend (exported networks run in their "
+                                    "own runtimes)")
+        if self._copy_unet_output:
+            raise InvalidInputError("this engine was compiled in a CUDA-graph mode (reduce-overhead / max-autotune), "
+                                    "which already replays graphs; compile with the default mode to use both")
+        from ldm_engine.pipeline.cuda_graphs import CudaGraphs
+
+        self._install_graphs(CudaGraphs(), max_graphs)
+        return self
+
+    def disable_cuda_graphs(self) -> Engine:
+        """Back to eager network calls; the captured graphs and their memory are released."""
+        self._graphed = self._graph_options = None
+        return self
+
+    def _install_graphs(self, graphs, max_graphs: int) -> None:
+        from ldm_engine.pipeline.cuda_graphs import GraphedCallable, Proxy
+
+        def wrap(fn, owner):
+            return GraphedCallable(fn, owner, graphs, max_graphs=max_graphs)
+
+        c = self.components
+        vae = Proxy(c.vae, encode=wrap(c.vae.encode, c.vae), decode=wrap(c.vae.decode, c.vae))
+        comps = dataclasses.replace(
+            c, unet=wrap(c.unet, c.unet), vae=vae, text_encoder=wrap(c.text_encoder, c.text_encoder),
+            text_encoder_2=None if c.text_encoder_2 is None else wrap(c.text_encoder_2, c.text_encoder_2))
+        self._graphed = (comps, [wrap(net, net) for net in self.controlnets])
+        self._graph_options = (graphs, max_graphs)
+
+    def _networks(self):
+        """(components, controlnets) that generate() calls: the graphed ones when graphs are on."""
+        return self._graphed if self._graphed is not None else (self.components, self.controlnets)
 
     def __repr__(self) -> str:
         return (f"Engine({self.name!r}, family={self.family}{'-turbo' if self.defaults.turbo else ''}, "
@@ -317,7 +371,7 @@ class Engine:
                         latents=latents, schedule=schedule)
 
     def _run(self, a: _Request, t_start: float) -> GenerateResult:
-        comps, dev, timer = self.components, self.device, StageTimer(self.device)
+        (comps, nets), dev, timer = self._networks(), self.device, StageTimer(self.device)
         vae_cfg = comps.vae.config
         scale = vae_cfg.scaling_factor
         shift = getattr(vae_cfg, "shift_factor", None) or 0.0
@@ -366,7 +420,8 @@ class Engine:
 
         # 4. Denoising loop.
         step_marks: list[tuple] = []
-        model_fn = self._model_fn(cond, controls, a.scales, a.guidance, a.do_cfg, timer, step_marks)
+        model_fn = self._model_fn(comps.unet, nets, cond, controls, a.scales, a.guidance, a.do_cfg, timer,
+                                  step_marks)
         from ldm_engine.samplers import sample
 
         x0 = sample(schedule, model_fn, x, noises)
@@ -391,9 +446,9 @@ class Engine:
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         return GenerateResult(images=images, timings=timings, seed=a.seed)
 
-    def _model_fn(self, cond, controls, scales, guidance, do_cfg, timer, step_marks):
+    def _model_fn(self, unet, nets, cond, controls, scales, guidance, do_cfg, timer, step_marks):
         """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves."""
-        unet, nets, dtype = self.components.unet, self.controlnets, self.unet_dtype
+        dtype = self.unet_dtype
         ehs, text_embeds, time_ids = cond.encoder_hidden_states, cond.text_embeds, cond.time_ids
         copy_output = self._copy_unet_output
 
