@@ -16,6 +16,7 @@ Variants, side by side on one device:
     diffusers                       StableDiffusion(XL)Pipeline, eager
     diffusers+compile               the same with torch.compile on the U-Net and VAE decoder (--compile)
     ldm_engine[torch]+compile       Engine.compile(): torch.compile (fullgraph) on U-Net, ControlNets, VAE decoder (--compile)
+    ldm_engine[torch|cuda]+graphs   Engine.enable_cuda_graphs(): every network call replayed from a CUDA graph (no compile)
 
 Per variant: per-stage latency (text encoder incl. tokenisation, U-Net per call, VAE decode; CUDA events),
 end-to-end latency (host clock between two device synchronisations), medians of --runs after --warmup,
@@ -68,17 +69,19 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 NEGATIVE_PROMPT = "blurry, low quality, deformed"
 OPS_BACKENDS = ("torch", "triton", "cuda")
 ENGINE_VARIANTS = tuple(f"ldm_engine[{b}]" for b in OPS_BACKENDS)
+GRAPH_VARIANTS = ("ldm_engine[torch]+graphs", "ldm_engine[cuda]+graphs")
 COMPILED_VARIANTS = ("ldm_engine[torch]+compile", "diffusers+compile")
-ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + COMPILED_VARIANTS
+ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + GRAPH_VARIANTS + COMPILED_VARIANTS
 # Run order inside one model: the new GPU kernels (which could poison the CUDA context) after the two
 # baselines; the compiled variants last, since compilation is slow and may run out of the time budget
 # (and Engine.compile() changes the shared engine in place).
-RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *COMPILED_VARIANTS)
+RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *GRAPH_VARIANTS,
+             *COMPILED_VARIANTS)
 REFERENCE_VARIANT = "diffusers"
 
 
 def _ops_backend_of(variant: str) -> str:
-    """"ldm_engine[triton]" -> "triton" (also with a "+compile" suffix)."""
+    """"ldm_engine[triton]" -> "triton" (also with a "+compile" / "+graphs" suffix)."""
     return variant[len("ldm_engine["):variant.index("]")]
 
 
@@ -427,6 +430,10 @@ class EngineRunner(Runner):
 
         return Engine.from_pretrained(str(folder), device=device, dtype=dtype)
 
+    def close(self) -> None:
+        if self.variant.endswith("+graphs"):  # the engine is shared with the later variants
+            self.engine.disable_cuda_graphs()
+
     def _generate(self):
         s = self.spec
         with _env("LDM_ENGINE_BACKEND", self.ops_backend):
@@ -574,6 +581,8 @@ class ModelBench:
 
     def problem(self, variant: str) -> str | None:
         if variant.startswith("ldm_engine["):
+            if variant.endswith("+graphs") and self.device.type != "cuda":
+                return "CUDA graphs need a CUDA device"
             return _ops_backend_problem(_ops_backend_of(variant), self.device)
         return _diffusers_problem()
 
@@ -598,6 +607,8 @@ class ModelBench:
                 self.engine_weights = self._alloc() - self.engine_base
             if variant.endswith("+compile"):
                 self.engine.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+            if variant.endswith("+graphs"):
+                self.engine.enable_cuda_graphs()   # captured on the first call (the warm-up)
             r = EngineRunner(self.spec, self.device, self.engine, _ops_backend_of(variant), **kw)
             r.variant = variant
             r.load_s = self.engine_load_s
