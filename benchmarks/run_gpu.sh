@@ -2,21 +2,28 @@
 # The one script a GPU session runs: build ldm_engine._C for this GPU, run the GPU tests and the rest of
 # the suite, run the benchmarks, and write logs, JSON and markdown tables under one results folder.
 #
-#   bash benchmarks/run_gpu.sh prepare                      # HERE, before device calls: wheels + commit into .whl/
-#   bash benchmarks/run_gpu.sh setup tests bench-ops bench-other   # device call 1 (carry .whl)
-#   bash benchmarks/run_gpu.sh bench-pipeline                      # device call 2 (carry .whl)
-#   CALL_BUDGET=100000 bash benchmarks/run_gpu.sh all       # everything, where no 10-minute limit applies
+#   bash benchmarks/run_gpu.sh prepare          # HERE, before the device call: wheels + commit into .whl/
+#   bash benchmarks/run_gpu.sh session          # THE device call (carry .whl; timeout_s 600): fits one
+#                                               # 10-minute call of a 15-minute device budget
+#   CALL_BUDGET=100000 bash benchmarks/run_gpu.sh all       # everything, where no time limit applies
 #
-# Phases: prepare | setup | tests | bench-ops | bench-other (every other benchmarks/bench_*.py) |
-#         bench-pipeline | bench (= bench-ops bench-other bench-pipeline) | all (= setup tests bench).
+# Phases: prepare | setup | tests (the GPU-marked tests: cuda, triton_gpu) | tests-rest (the rest of the
+#         suite; CI runs it anyway) | bench-ops | bench-other (every other benchmarks/bench_*.py) |
+#         bench-pipeline | bench (= bench-ops bench-other bench-pipeline) |
+#         session (= setup tests bench-ops bench-pipeline, each capped, SD-Turbo only, no compile) |
+#         all (= setup tests tests-rest bench).
 # Every phase but prepare first makes sure the environment is set up (idempotent: carried wheels installed
 # into /tmp/site, _C built for this GPU's architecture) and records env.json (GPU, driver, versions, commit,
 # copy bandwidth and bf16 matmul ceilings).
 #
 # Results: ${OUT:-benchmarks/results/<date>-<gpu>}, at most 8 files per call (the device tool's limit):
-#   call 1: env.json summary.md setup.log tests-gpu.log tests-rest.log ops.log ops.json other.log
-#   call 2: env.json summary.md setup.log pipeline.json pipeline.md pipeline.log
+#   session: env.json summary.md setup.log tests-gpu.log bench.log ops.json pipeline.json pipeline.md
+#   other phases: tests-rest.log, ops.log, other.log, pipeline.log (+ other benchmarks' JSON)
 #   (each call writes only its phases' files, plus env.json, setup.log and summary.md).
+#
+# Session budget (CALL_BUDGET=540 by default there): setup ~60 s (sm_90 build on 16 cores), GPU tests
+# <= SESSION_TESTS_S=210, ops benchmark <= SESSION_OPS_S=100, pipeline benchmark (SD-Turbo, eager
+# variants + CUDA graphs, RUNS=5 WARMUP=2) gets what is left.
 #
 # Environment knobs:
 #   PYTHON=python3              interpreter (the device image's python3 holds torch)
@@ -27,6 +34,8 @@
 #   COMPILE_MODELS=sd-turbo     models that also get diffusers+compile ("" for none)
 #   OPS_ARGS=""                 extra arguments for benchmarks/bench_ops.py
 #   TEST_WORKERS=8              pytest-xdist workers for the non-GPU part of the suite (0: no xdist)
+#   GPU_TEST_WORKERS=4          pytest-xdist workers for the GPU tests (0: no xdist)
+#   TEST_TIMEOUT=120            per-test limit (pytest-timeout, where installed): a hung kernel costs one test
 #   OTHER_TIMEOUT=150           seconds for each other benchmarks/bench_*.py
 #   LDM_ENGINE_GIT_COMMIT       commit to record when the checkout has no .git (prepare writes .whl/COMMIT)
 set -u -o pipefail
@@ -34,7 +43,10 @@ set -u -o pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 PY="${PYTHON:-python3}"
-CALL_BUDGET="${CALL_BUDGET:-570}"
+CALL_BUDGET_DEFAULT=570
+for p in "$@"; do [ "$p" = session ] && CALL_BUDGET_DEFAULT=540; done
+CALL_BUDGET="${CALL_BUDGET:-$CALL_BUDGET_DEFAULT}"
+SESSION=0
 WHEELS=(diffusers==0.42.1 transformers==5.23.0 importlib_metadata==10.2.0)   # not in the device image / other version
 
 phases=("$@")
@@ -42,11 +54,13 @@ phases=("$@")
 expanded=()
 for p in "${phases[@]}"; do
   case "$p" in
-    all) expanded+=(setup tests bench-ops bench-other bench-pipeline) ;;
+    all) expanded+=(setup tests tests-rest bench-ops bench-other bench-pipeline) ;;
     bench) expanded+=(bench-ops bench-other bench-pipeline) ;;
-    prepare|setup|tests|bench-ops|bench-other|bench-pipeline) expanded+=("$p") ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
-    *) echo "run_gpu.sh: unknown phase '$p' (prepare setup tests bench-ops bench-other bench-pipeline bench all)" >&2
+    session) SESSION=1; expanded+=(setup tests bench-ops bench-pipeline) ;;
+    prepare|setup|tests|tests-rest|bench-ops|bench-other|bench-pipeline) expanded+=("$p") ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    *) echo "run_gpu.sh: unknown phase '$p' (prepare setup tests tests-rest bench-ops bench-other bench-pipeline" \
+            "bench session all)" >&2
        exit 2 ;;
   esac
 done
@@ -134,18 +148,29 @@ EOF
   timeout "$(left)" "$PY" benchmarks/common.py env --ceilings --json "$RES/env.json" 2>&1 | tee -a "$RES/setup.log"
 }
 
-run_tests() {
-  local xdist="" rc=0
-  # pytest-xdist is in the device image; TEST_WORKERS=0 runs the suite in one process
-  [ "${TEST_WORKERS:-8}" != 0 ] && "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-8}"
-  echo "== GPU tests: pytest tests -m 'cuda or triton_gpu'" | tee "$RES/tests-gpu.log"
-  timeout "$(cap "$(left 60)" 300)" "$PY" -m pytest tests -m "cuda or triton_gpu" -q -rs -p no:cacheprovider \
-    2>&1 | tee -a "$RES/tests-gpu.log" || rc=1
-  echo "== rest of the suite: pytest tests -m 'not (cuda or triton_gpu)' $xdist" | tee "$RES/tests-rest.log"
+xdist_opts() {  # "-n N" when pytest-xdist is installed and N > 0
+  [ "$1" != 0 ] && "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"
+}
+timeout_opts() {  # per-test limit when pytest-timeout is installed (thread method: also ends a hung CUDA call)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT:-120} --timeout-method thread"
+}
+
+run_tests() {  # the GPU-marked tests (the rest of the suite runs in CI on every landing)
+  local limit; limit="$(cap "$(left 60)" 300)"
+  [ $SESSION -eq 1 ] && limit="$(cap "$limit" "${SESSION_TESTS_S:-210}")"
+  local opts; opts="$(xdist_opts "${GPU_TEST_WORKERS:-4}") $(timeout_opts)"
+  echo "== GPU tests: pytest tests -m 'cuda or triton_gpu' $opts (limit ${limit}s)" | tee "$RES/tests-gpu.log"
   # shellcheck disable=SC2086
-  timeout "$(left)" "$PY" -m pytest tests -m "not (cuda or triton_gpu)" -q -rs -p no:cacheprovider $xdist \
-    2>&1 | tee -a "$RES/tests-rest.log" || rc=1
-  return $rc
+  timeout "$limit" "$PY" -m pytest tests -m "cuda or triton_gpu" -q -rs -p no:cacheprovider $opts \
+    2>&1 | tee -a "$RES/tests-gpu.log"
+}
+
+run_tests_rest() {
+  local opts; opts="$(xdist_opts "${TEST_WORKERS:-8}") $(timeout_opts)"
+  echo "== rest of the suite: pytest tests -m 'not (cuda or triton_gpu)' $opts" | tee "$RES/tests-rest.log"
+  # shellcheck disable=SC2086
+  timeout "$(left)" "$PY" -m pytest tests -m "not (cuda or triton_gpu)" -q -rs -p no:cacheprovider $opts \
+    2>&1 | tee -a "$RES/tests-rest.log"
 }
 
 run_bench_ops() {
@@ -155,9 +180,11 @@ run_bench_ops() {
   local extra=()   # options offered by the script's source (running --help could run a script without argparse)
   grep -q '"--json"' benchmarks/bench_ops.py && extra+=(--json "$RES/ops.json")
   grep -q '"--markdown"' benchmarks/bench_ops.py && extra+=(--markdown "$RES/ops.md")
+  local limit log="$RES/ops.log"; limit="$(cap "$(left)" 300)"
+  [ $SESSION -eq 1 ] && { limit="$(cap "$limit" "${SESSION_OPS_S:-100}")"; log="$RES/bench.log"; }
+  echo "== bench_ops.py (limit ${limit}s)" | tee -a "$log"
   # shellcheck disable=SC2086
-  timeout "$(cap "$(left)" 300)" "$PY" benchmarks/bench_ops.py ${extra[@]+"${extra[@]}"} ${OPS_ARGS:-} 2>&1 \
-    | tee "$RES/ops.log"
+  timeout "$limit" "$PY" benchmarks/bench_ops.py ${extra[@]+"${extra[@]}"} ${OPS_ARGS:-} 2>&1 | tee -a "$log"
 }
 
 run_bench_other() {  # every other benchmarks/bench_*.py, in its default mode; one log, JSON where supported
@@ -175,13 +202,19 @@ run_bench_other() {  # every other benchmarks/bench_*.py, in its default mode; o
 }
 
 run_bench_pipeline() {
-  local models="${PIPELINE_MODELS:-all}" compile=() budget
-  [ -n "${COMPILE_MODELS-sd-turbo}" ] && compile=(--compile --compile-models "${COMPILE_MODELS-sd-turbo}")
+  local models="${PIPELINE_MODELS:-all}" compile_models="${COMPILE_MODELS-sd-turbo}" runs="${RUNS:-10}"
+  local warmup="${WARMUP:-3}" log="$RES/pipeline.log" compile=() budget
+  if [ $SESSION -eq 1 ]; then
+    models="${PIPELINE_MODELS:-sd-turbo}"; compile_models="${COMPILE_MODELS-}"; runs="${RUNS:-5}"
+    warmup="${WARMUP:-2}"; log="$RES/bench.log"
+  fi
+  [ -n "$compile_models" ] && compile=(--compile --compile-models "$compile_models")
   budget="$(left 30)"
+  echo "== bench_pipeline.py --model $models (budget ${budget}s)" | tee -a "$log"
   # shellcheck disable=SC2086
-  "$PY" benchmarks/bench_pipeline.py --model ${models//,/ } --device cuda --runs "${RUNS:-10}" --warmup "${WARMUP:-3}" \
+  "$PY" benchmarks/bench_pipeline.py --model ${models//,/ } --device cuda --runs "$runs" --warmup "$warmup" \
     ${compile[@]+"${compile[@]}"} --time-budget "$budget" \
-    --json "$RES/pipeline.json" --markdown "$RES/pipeline.md" 2>&1 | tee "$RES/pipeline.log"
+    --json "$RES/pipeline.json" --markdown "$RES/pipeline.md" 2>&1 | tee -a "$log"
 }
 
 status=0
@@ -194,6 +227,7 @@ for p in "${expanded[@]}"; do
       [ $setup_done -eq 0 ] && { setup; setup_done=1; }
       case "$p" in
         tests) run_tests || status=1 ;;
+        tests-rest) run_tests_rest || status=1 ;;
         bench-ops) run_bench_ops || status=1 ;;
         bench-other) run_bench_other || status=1 ;;
         bench-pipeline) run_bench_pipeline || status=1 ;;
