@@ -47,7 +47,9 @@ CALL_BUDGET_DEFAULT=570
 for p in "$@"; do [ "$p" = session ] && CALL_BUDGET_DEFAULT=540; done
 CALL_BUDGET="${CALL_BUDGET:-$CALL_BUDGET_DEFAULT}"
 SESSION=0
-WHEELS=(diffusers==0.42.1 transformers==5.23.0 importlib_metadata==10.2.0)   # not in the device image / other version
+# Not in the device image, or there in another version. importlib_metadata (diffusers imports it; the image
+# lacks it) stays at 8.x: 9+ needs lazy-importer before Python 3.15, which the image lacks too.
+WHEELS=(diffusers==0.42.1 transformers==5.23.0 importlib_metadata==8.7.0)
 
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(all)
@@ -140,9 +142,12 @@ setup() {
 import importlib.util
 from ldm_engine._cuda import device_info
 print("ldm_engine._C:", device_info())
-for name in ("torch", "triton", "diffusers", "transformers", "pytest_benchmark", "xdist"):
-    spec = importlib.util.find_spec(name)
-    print(f"{name}: {spec.origin if spec else 'MISSING'}")
+for name in ("torch", "triton", "diffusers", "transformers", "pytest_benchmark", "xdist", "pytest_timeout"):
+    try:  # a real import: a carried wheel with a missing dependency shows here, not in every test
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '')}: {mod.__file__}")
+    except Exception as e:  # noqa: BLE001
+        print(f"{name}: IMPORT FAILED: {type(e).__name__}: {e}")
 EOF
   } 2>&1 | tee -a "$RES/setup.log"
   timeout "$(left)" "$PY" benchmarks/common.py env --ceilings --json "$RES/env.json" 2>&1 | tee -a "$RES/setup.log"
