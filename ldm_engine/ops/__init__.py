@@ -79,22 +79,12 @@ def _requested_backend(backend: str | None, env: str | None) -> tuple[str | None
 #   - a backend name ("torch" or "reference": they take every input, so nothing per input is checked), or
 #   - (name, explicit): a backend that must be asked about this input (``_pick`` with the op's reasons);
 #     name None means "the default order of the device".
-# Plans are cached per (device, raw LDM_ENGINE_BACKEND value, backend); an unknown name raises and is never
+# Plans are cached per (device, LDM_ENGINE_BACKEND value, backend); an unknown name raises and is never
 # cached. The default order is read when a plan is made: after changing _DEFAULT_ORDER at run time, call
 # ``_PLANS.clear()``.
 _ALWAYS_AVAILABLE = ("torch", "reference")
 _ENV_NAME = "LDM_ENGINE_BACKEND"
 _PLANS: dict = {}
-
-# os.environ.get costs ~0.6 us (key encoding, value decoding, Mapping.get). os.environ (CPython's and PyPy's
-# os._Environ) keeps the encoded strings in its ``_data`` dict, which every write through os.environ
-# (monkeypatch.setenv / delenv included) updates: read that dict while os.environ is that mapping, else
-# (os.environ replaced by something else) fall back to os.environ.get.
-if hasattr(os.environ, "_data") and hasattr(os.environ, "encodekey"):
-    _ENVIRON_TYPE, _ENV_KEY = type(os.environ), os.environ.encodekey(_ENV_NAME)
-else:  # pragma: no cover - another os.environ implementation: always os.environ.get
-    _ENVIRON_TYPE = _ENV_KEY = None
-
 
 def _plan(device: torch.device, backend: str | None):
     """The plan for this call: LDM_ENGINE_BACKEND is read now, the rest comes from _PLANS once made.
@@ -104,17 +94,14 @@ def _plan(device: torch.device, backend: str | None):
         # at trace time, and the graph's guards see neither os.environ's dict nor _PLANS (a new plan
         # cached by an eager call must not recompile a compiled network).
         return _new_plan(device, os.environ.get(_ENV_NAME), backend, cache=False)
-    environ = os.environ
-    # the raw stored value (bytes on POSIX, str elsewhere) is the cache key; decoded only for a new plan
-    raw = environ._data.get(_ENV_KEY) if type(environ) is _ENVIRON_TYPE else environ.get(_ENV_NAME)
+    env = os.environ.get(_ENV_NAME)
     try:
-        return _PLANS[(device, raw, backend)]
+        return _PLANS[(device, env, backend)]
     except (KeyError, TypeError):  # TypeError: an unhashable backend= (rejected by _new_plan)
-        return _new_plan(device, raw, backend)
+        return _new_plan(device, env, backend)
 
 
-def _new_plan(device: torch.device, raw, backend: str | None, cache: bool = True):
-    env = raw if raw is None or isinstance(raw, str) else os.environ.decodevalue(raw)
+def _new_plan(device: torch.device, env: str | None, backend: str | None, cache: bool = True):
     name, explicit = _requested_backend(backend, env)  # raises for unknown names
     if name is None:
         order = default_backend_order(device.type)
@@ -125,7 +112,7 @@ def _new_plan(device: torch.device, raw, backend: str | None, cache: bool = True
     else:
         plan = name if name in _ALWAYS_AVAILABLE else (name, explicit)
     if cache:
-        _PLANS[(device, raw, backend)] = plan
+        _PLANS[(device, env, backend)] = plan
     return plan
 
 
