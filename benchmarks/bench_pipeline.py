@@ -17,6 +17,7 @@ Variants, side by side on one device:
     diffusers+compile               the same with torch.compile on the U-Net and VAE decoder (--compile)
     ldm_engine[torch]+compile       Engine.compile(): torch.compile (fullgraph) on U-Net, ControlNets, VAE decoder (--compile)
     ldm_engine[torch|cuda]+graphs   Engine.enable_cuda_graphs(): every network call replayed from a CUDA graph (no compile)
+    ...+channels_last[+graphs]      Engine.use_channels_last(): NHWC convolution weights and activations
 
 Per variant: per-stage latency (text encoder incl. tokenisation, U-Net per call, VAE decode; CUDA events),
 end-to-end latency (host clock between two device synchronisations), medians of --runs after --warmup,
@@ -69,19 +70,22 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 NEGATIVE_PROMPT = "blurry, low quality, deformed"
 OPS_BACKENDS = ("torch", "triton", "cuda")
 ENGINE_VARIANTS = tuple(f"ldm_engine[{b}]" for b in OPS_BACKENDS)
-GRAPH_VARIANTS = ("ldm_engine[torch]+graphs", "ldm_engine[cuda]+graphs")
+# Engine options as suffixes, applied to the shared engine for one variant and undone after it.
+OPTION_VARIANTS = ("ldm_engine[torch]+graphs", "ldm_engine[cuda]+graphs",
+                  "ldm_engine[torch]+channels_last", "ldm_engine[cuda]+channels_last",
+                  "ldm_engine[torch]+channels_last+graphs", "ldm_engine[cuda]+channels_last+graphs")
 COMPILED_VARIANTS = ("ldm_engine[torch]+compile", "diffusers+compile")
-ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + GRAPH_VARIANTS + COMPILED_VARIANTS
+ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + OPTION_VARIANTS + COMPILED_VARIANTS
 # Run order inside one model: the new GPU kernels (which could poison the CUDA context) after the two
 # baselines; the compiled variants last, since compilation is slow and may run out of the time budget
 # (and Engine.compile() changes the shared engine in place).
-RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *GRAPH_VARIANTS,
+RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *OPTION_VARIANTS,
              *COMPILED_VARIANTS)
 REFERENCE_VARIANT = "diffusers"
 
 
 def _ops_backend_of(variant: str) -> str:
-    """"ldm_engine[triton]" -> "triton" (also with a "+compile" / "+graphs" suffix)."""
+    """"ldm_engine[triton]" -> "triton" (also with "+compile", "+graphs", "+channels_last" suffixes)."""
     return variant[len("ldm_engine["):variant.index("]")]
 
 
@@ -433,6 +437,8 @@ class EngineRunner(Runner):
     def close(self) -> None:
         if self.variant.endswith("+graphs"):  # the engine is shared with the later variants
             self.engine.disable_cuda_graphs()
+        if "+channels_last" in self.variant:
+            self.engine.use_channels_last(False)
 
     def _generate(self):
         s = self.spec
@@ -607,6 +613,8 @@ class ModelBench:
                 self.engine_weights = self._alloc() - self.engine_base
             if variant.endswith("+compile"):
                 self.engine.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+            if "+channels_last" in variant:
+                self.engine.use_channels_last()
             if variant.endswith("+graphs"):
                 self.engine.enable_cuda_graphs()   # captured on the first call (the warm-up)
             r = EngineRunner(self.spec, self.device, self.engine, _ops_backend_of(variant), **kw)

@@ -228,6 +228,21 @@ class Engine:
             self._install_graphs(*self._graph_options)
         return self
 
+    def use_channels_last(self, enabled: bool = True) -> Engine:
+        """Keeps the convolution weights of the U-Net, ControlNets and VAE in channels_last (NHWC)
+        memory format, so their activations follow: the layout of cuDNN's tensor-core convolutions,
+        and the one in which the transformer blocks' token view needs no copy. Same images either way
+        (tested); whether it is faster on a GPU: ``benchmarks/bench_pipeline.py`` (variant
+        ``+channels_last``). ``enabled=False`` goes back to contiguous. Returns self.
+        """
+        nets = [self.components.unet, self.components.vae, *self.controlnets]
+        if not all(isinstance(net, torch.nn.Module) for net in nets):
+            raise InvalidInputError("use_channels_last() needs the torch backend (exported networks fix their layout)")
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for net in nets:
+            net.to(memory_format=fmt)  # new weight storage: CUDA graphs see it and capture again
+        return self
+
     def enable_cuda_graphs(self, *, max_graphs: int = 8) -> Engine:
         """Replays every network call (text encoders, ControlNets, U-Net, VAE) from a CUDA graph.
 
