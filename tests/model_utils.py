@@ -21,3 +21,18 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def count_calls(monkeypatch, module, names) -> dict:
+    """Wraps ``module.<name>`` for each name so that calls are counted (in the returned dict)."""
+    calls = dict.fromkeys(names, 0)
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    return calls

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton's k
 
 import ldm_engine.ops as ops  # noqa: E402
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError  # noqa: E402
+from model_utils import count_calls  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -40,16 +41,8 @@ def triton_calls(monkeypatch):
     import ldm_engine.kernels.attention as attn_kernels
     import ldm_engine.kernels.group_norm_silu as gn_kernels
 
-    calls = {"attention": 0, "group_norm_silu": 0}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(attn_kernels, "attention", counting("attention", attn_kernels.attention))
-    monkeypatch.setattr(gn_kernels, "group_norm_silu", counting("group_norm_silu", gn_kernels.group_norm_silu))
+    calls = count_calls(monkeypatch, attn_kernels, ["attention"])
+    calls.update(count_calls(monkeypatch, gn_kernels, ["group_norm_silu"]))
     return calls
 
 

@@ -8,7 +8,7 @@ diffusers = pytest.importorskip("diffusers")
 from ldm_engine import ops  # noqa: E402
 from ldm_engine.models import layers  # noqa: E402
 from ldm_engine.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from model_utils import randomize_, rel_err  # noqa: E402
+from model_utils import count_calls, randomize_, rel_err  # noqa: E402
 
 TOL = 1e-4
 LATENT_HW = (13, 10)  # not a multiple of 4: exercises the up path's explicit upsample sizes
@@ -104,16 +104,7 @@ def test_scalar_timestep_broadcasts_like_diffusers():
 
 def test_every_norm_and_attention_goes_through_ops(monkeypatch):
     ours, _ = build_pair("sdxl", seed=5)
-    calls = {"attention": 0, "group_norm_silu": 0}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(ops, "attention", counting("attention", ops.attention))
-    monkeypatch.setattr(ops, "group_norm_silu", counting("group_norm_silu", ops.group_norm_silu))
+    calls = count_calls(monkeypatch, ops, ["attention", "group_norm_silu"])
     gen = torch.Generator().manual_seed(6)
     sample, timestep, context, extra = make_inputs("sdxl", gen)
     with torch.no_grad():
