@@ -23,9 +23,10 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-def count_calls(monkeypatch, module, names) -> dict:
-    """Wraps ``module.<name>`` for each name so that calls are counted (in the returned dict)."""
-    calls = dict.fromkeys(names, 0)
+def count_calls(monkeypatch, *targets) -> dict:
+    """Wraps each ``(module, name)`` target's ``module.<name>`` so that its calls are counted in the
+    returned dict (by name)."""
+    calls = {name: 0 for _, name in targets}
 
     def counting(name, fn):
         def wrapper(*args, **kwargs):
@@ -33,6 +34,6 @@ def count_calls(monkeypatch, module, names) -> dict:
             return fn(*args, **kwargs)
         return wrapper
 
-    for name in names:
+    for module, name in targets:
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
     return calls

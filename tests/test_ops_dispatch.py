@@ -41,9 +41,7 @@ def triton_calls(monkeypatch):
     import ldm_engine.kernels.attention as attn_kernels
     import ldm_engine.kernels.group_norm_silu as gn_kernels
 
-    calls = count_calls(monkeypatch, attn_kernels, ["attention"])
-    calls.update(count_calls(monkeypatch, gn_kernels, ["group_norm_silu"]))
-    return calls
+    return count_calls(monkeypatch, (attn_kernels, "attention"), (gn_kernels, "group_norm_silu"))
 
 
 def qkv(device=TRITON_DEVICE, dtype=torch.float32, h=2, lq=7, lk=5, d=40):

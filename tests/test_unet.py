@@ -104,7 +104,7 @@ def test_scalar_timestep_broadcasts_like_diffusers():
 
 def test_every_norm_and_attention_goes_through_ops(monkeypatch):
     ours, _ = build_pair("sdxl", seed=5)
-    calls = count_calls(monkeypatch, ops, ["attention", "group_norm_silu"])
+    calls = count_calls(monkeypatch, (ops, "attention"), (ops, "group_norm_silu"))
     gen = torch.Generator().manual_seed(6)
     sample, timestep, context, extra = make_inputs("sdxl", gen)
     with torch.no_grad():
