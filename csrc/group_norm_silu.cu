@@ -334,6 +334,7 @@ cudaError_t launch_typed(const GroupNormArgs& a, const GroupNormPlan& p, cudaStr
 GroupNormPlan group_norm_plan(int64_t n, int64_t c, int64_t s, int groups, bool channels_last, DType dtype,
                               bool aligned16) {
   GroupNormPlan p;
+  if (n == 0 || c == 0 || s == 0) return p;  // nothing to launch; also avoids ceil_div(0, 0) below
   const int vmax = 16 / dtype_size(dtype);
   const int64_t cg = c / groups;
   if (!channels_last) {

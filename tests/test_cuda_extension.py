@@ -134,6 +134,19 @@ def test_gn_workspace_size_and_checks():
         gn(small, y=FakeArray((1, 320, 8, 8), readonly=True))
 
 
+@pytest.mark.parametrize("shape,channels_last", [((1, 0, 3, 3), False), ((0, 32, 3, 3), False),
+                                                   ((1, 32, 0, 5), False), ((2, 0, 64), True), ((1, 32, 3, 0), True)])
+def test_gn_zero_size_needs_no_workspace_and_does_not_crash(shape, channels_last):
+    # Zero-size arrays once reached ceil_div(0, 0) in group_norm_plan: SIGFPE, the interpreter died.
+    strides = channels_last_strides(*shape) if channels_last and len(shape) == 4 else None
+    x = FakeArray(shape, strides=strides, ptr=0)  # torch reports pointer 0 for empty tensors
+    assert _C.group_norm_silu_workspace_size(x, 32, channels_last) == 0
+    try:  # nothing to launch: returns on a GPU; here only the device guard can fail (no driver)
+        _C.group_norm_silu(x, None, None, x, None, 32, 1e-5, True, channels_last, STREAM, DEVICE)
+    except RuntimeError:
+        assert not HAS_CUDA
+
+
 @pytest.mark.parametrize("typestr", ["<f2", "<V2", "<f4"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "nlc"])
 def test_gn_valid_fake_input_is_refused_only_at_the_pointer_check(typestr, layout):
