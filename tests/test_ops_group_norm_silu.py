@@ -136,6 +136,30 @@ def test_env_backend_falls_back_to_torch_for_unsupported_input(monkeypatch):
         ops.group_norm_silu(x, None, None, 8)
 
 
+def test_cuda_backend_passes_tensors_without_grad(monkeypatch):
+    """torch refuses __cuda_array_interface__ on tensors that require grad (nn.Parameter weights; a
+    custom op receives them unchanged), so the cuda backend must hand _C detached tensors."""
+    from ldm_engine.ops import _cuda_backend
+
+    seen = {}
+
+    class FakeExt:
+        def group_norm_silu_workspace_size(self, x, num_groups, channels_last):
+            seen["ws_x"] = x
+            return 0
+
+        def group_norm_silu(self, x, w, b, y, ws, num_groups, eps, silu, channels_last, stream, device):
+            seen.update(x=x, w=w, b=b, y=y)
+
+    monkeypatch.setattr(_cuda_backend, "extension", lambda: FakeExt())
+    monkeypatch.setattr(_cuda_backend, "_stream_and_device", lambda t: (0, 0))
+    gn = torch.nn.GroupNorm(8, 32)  # weight and bias require grad
+    x = torch.randn(1, 32, 4, 4, requires_grad=True)
+    _cuda_backend.group_norm_silu(x, gn.weight, gn.bias, 8, 1e-5, True, False)
+    for name in ("ws_x", "x", "w", "b", "y"):
+        assert not seen[name].requires_grad, name
+
+
 def test_default_is_torch_until_measured():
     # No GPU run of the triton / cuda backends is recorded yet (see _DEFAULT_ORDER in ldm_engine/ops).
     assert ops.default_backend_order("cpu") == ("torch",)

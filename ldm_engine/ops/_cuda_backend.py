@@ -15,6 +15,14 @@ def _stream_and_device(t: torch.Tensor) -> tuple[int, int]:
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float, silu: bool, channels_last_3d: bool):
     ext = extension()
+    # torch refuses __cuda_array_interface__ on tensors that require grad (nn.Parameter weights,
+    # inputs in grad mode reach custom ops unchanged); the op has no autograd, so read detached views.
+    if x.requires_grad:
+        x = x.detach()
+    if weight is not None and weight.requires_grad:
+        weight = weight.detach()
+    if bias is not None and bias.requires_grad:
+        bias = bias.detach()
     channels_last = channels_last_3d or (x.dim() == 4 and not x.is_contiguous()
                                          and x.is_contiguous(memory_format=torch.channels_last))
     if not (channels_last or x.is_contiguous()):
