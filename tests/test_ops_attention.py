@@ -129,6 +129,31 @@ TRITON_CASES = [
 ]
 
 
+def test_cuda_backend_passes_tensors_without_grad(monkeypatch):
+    """_C reads tensors through __cuda_array_interface__, which torch refuses for tensors that
+    require grad (attention inputs in grad mode reach the custom op unchanged)."""
+    from ldm_engine.ops import _cuda_backend
+
+    seen = {}
+
+    class FakeExt:
+        def attention_plan(self, q, k, device):
+            seen.update(plan_q=q, plan_k=k)
+            return 1, 0
+
+        def attention(self, q, k, v, out, ws, scale, num_splits, stream, device):
+            seen.update(q=q, k=k, v=v, out=out)
+
+    monkeypatch.setattr(_cuda_backend, "extension", lambda: FakeExt())
+    monkeypatch.setattr(_cuda_backend, "_stream_and_device", lambda t: (0, 0))
+    monkeypatch.setattr(_cuda_backend, "_attention_plans", {})
+    q, k, v = (torch.randn(1, 2, n, 40, requires_grad=True) for n in (7, 5, 5))
+    _cuda_backend.attention(q, k, v, 0.1)
+    for name in ("plan_q", "plan_k", "q", "k", "v", "out"):
+        assert not seen[name].requires_grad, name
+
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:5])))

@@ -52,6 +52,8 @@ _attention_plans: dict = {}
 
 def attention(q, k, v, scale: float):
     ext = extension()
+    # as in group_norm_silu: _C reads tensors through __cuda_array_interface__, which grad tensors refuse
+    q, k, v = (t.detach() if t.requires_grad else t for t in (q, k, v))
     q, k, v = (t if _aligned(t) else t.contiguous() for t in (q, k, v))
     bsz, heads, lq, d = q.shape
     out = torch.empty((bsz, lq, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
