@@ -174,11 +174,6 @@ def _gn_reason(name: str, x: torch.Tensor) -> str | None:
     return _cuda_reason(x, "group_norm_silu")
 
 
-def _gn_reasons(x: torch.Tensor):
-    """``reasons(name)`` for ``x`` (kept for callers that ask about one input)."""
-    return lambda name: _gn_reason(name, x)
-
-
 def group_norm_silu(x: torch.Tensor, weight, bias, num_groups: int, eps: float = 1e-5, *,
                     silu: bool = True, backend: str | None = None) -> torch.Tensor:
     """GroupNorm (fp32 statistics), optionally followed by SiLU.
@@ -265,11 +260,6 @@ def _attn_reason(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if q.shape[0] * q.shape[1] > 65535:
         return "batch * heads > 65535"
     return _cuda_reason(q, "attention")
-
-
-def _attn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``reasons(name)`` for q, k, v (kept for callers that ask about one input)."""
-    return lambda name: _attn_reason(name, q, k, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
