@@ -176,8 +176,14 @@ class Schedule:
         return isinstance(c, _Lin) and c.noise != 0.0
 
 
-def sample(schedule: Schedule, model_fn, x: torch.Tensor, noises: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the whole loop: model_fn(scale_model_input(x, i), timesteps[i]) -> eps / v / x0."""
+def sample(schedule: Schedule, model_fn, x: torch.Tensor, noises: torch.Tensor | None = None, *,
+           after_step=None) -> torch.Tensor:
+    """Run the whole loop: model_fn(scale_model_input(x, i), timesteps[i]) -> eps / v / x0.
+
+    after_step(i, x, out): called after step i with the new latents and that step's model output;
+    returns the latents the loop goes on with (e.g. inpainting blends the known region back, a
+    preview callback passes them through). It may raise to end the loop early.
+    """
     if noises is not None and tuple(noises.shape) != (schedule.num_steps, *x.shape):
         raise ValueError(f"noises must have shape {(schedule.num_steps, *x.shape)}, got {tuple(noises.shape)}")
     if noises is None and schedule.needs_noise:
@@ -187,6 +193,8 @@ def sample(schedule: Schedule, model_fn, x: torch.Tensor, noises: torch.Tensor |
     for i, c in enumerate(schedule._coefs):
         out = model_fn(schedule.scale_model_input(x, i), schedule.timesteps[i])
         x = schedule._advance(schedule, c, x, out, None if noises is None else noises[i], state)
+        if after_step is not None:
+            x = after_step(i, x, out)
     return x
 
 
