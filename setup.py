@@ -5,7 +5,8 @@ runtime (statically) and pybind11 -- not PyTorch's C++ library: one build serves
 
 Environment:
   LDM_ENGINE_CUDA=0            build without ``_C`` (everything falls back to PyTorch / Triton)
-  LDM_ENGINE_CUDA_ARCHS="80;90" compute capabilities to compile for (default 80;86;89;90)
+  LDM_ENGINE_CUDA_ARCHS="80;90" compute capabilities to compile for (default 80;86;89;90); PTX of the
+                               highest is embedded too (newer GPUs JIT it)
   CUDA_HOME                    toolkit location (default: the directory holding ``nvcc``)
   LDM_ENGINE_NVCC_THREADS      nvcc --threads (default 2)
 """
@@ -40,13 +41,17 @@ def find_cuda_home():
 
 
 def gencode_flags(archs):
+    """SASS for each listed architecture, plus PTX of the highest one, so that newer GPUs (sm_100,
+    sm_120, ...) JIT-compile the kernels at load time instead of failing with "no kernel image is
+    available". The default list ends with 90: compute_90 PTX is embedded."""
     flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip()
-        if not arch:
-            continue
+    listed = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    for arch in listed:
         # sm_90a unlocks Hopper-only instructions (wgmma, TMA) where kernels use them.
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if listed:
+        top = max(listed, key=lambda a: int("".join(ch for ch in a if ch.isdigit()) or 0))
+        flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     return flags
 
 

@@ -16,6 +16,7 @@
 // split z handles a contiguous range of key tiles and writes O / l in fp32 plus its log2-sum-exp
 // to the workspace; attn_combine_kernel merges the splits.
 #include <algorithm>
+#include <atomic>
 
 #include "cuda_utils.cuh"
 
@@ -86,9 +87,10 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
 }
 
 // ---- configuration ------------------------------------------------------------------------------
-template <int D_, int BR_, int BC_, int WM_, int WD_>
+// MINB_: __launch_bounds__ min blocks per SM (2 caps registers at 128 per thread for 256 threads).
+template <int D_, int BR_, int BC_, int WM_, int WD_, int MINB_ = 1>
 struct AttnCfg {
-  static constexpr int D = D_, BR = BR_, BC = BC_, WM = WM_, WD = WD_;
+  static constexpr int D = D_, BR = BR_, BC = BC_, WM = WM_, WD = WD_, MINB = MINB_;
   static constexpr int DK = (D + 15) / 16 * 16;  // contraction dim of Q K^T, zero-padded
   static constexpr int SROW = DK + 8;            // smem row stride: (SROW * 2 / 16) odd -> ldmatrix conflict-free
   static constexpr int WARPS = WM * WD;
@@ -135,7 +137,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
 }
 
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS) attn_fwd_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MINB) attn_fwd_kernel(const KernelParams p) {
   constexpr int BR = Cfg::BR, BC = Cfg::BC, WM = Cfg::WM, WD = Cfg::WD, SROW = Cfg::SROW;
   constexpr int KT_W = Cfg::KT_W, NT_S = Cfg::NT_S, NT_OW = Cfg::NT_OW;
 
@@ -179,6 +181,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) attn_fwd_kernel(const KernelPara
     load_tile<Cfg>(sV, vg, p.v_sl, t * BC, p.lk, BC);
     cp_async_commit();
 
+    // Keys of this tile that exist (>= 1). In the last tile, 16-key groups wholly past Lk are skipped
+    // in both products (the branches are uniform over the CTA): 77 keys with BC = 64 cost 80, not 128.
+    const int kv_valid = min(BC, p.lk - t * BC);
+
     // ---- S = Q K^T (this warp's share of the head dim) ----
     float s[NT_S][4];
 #pragma unroll
@@ -190,6 +196,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) attn_fwd_kernel(const KernelPara
       ldmatrix_x4(a, sQ + (qrow + (lane & 15)) * SROW + kcol + (lane >> 4) * 8);
 #pragma unroll
       for (int nt = 0; nt < NT_S; nt += 2) {
+        if (nt * 8 >= kv_valid) continue;
         uint32_t kb[4];
         ldmatrix_x4(kb, sK + (nt * 8 + (lane & 7) + (lane >> 4) * 8) * SROW + kcol + ((lane >> 3) & 1) * 8);
         mma_16816<T>(s[nt], a, kb[0], kb[1]);
@@ -266,6 +273,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) attn_fwd_kernel(const KernelPara
     // ---- O += P V (this warp's share of the head dim) ----
 #pragma unroll
     for (int kt = 0; kt < BC / 16; ++kt) {
+      if (kt * 16 >= kv_valid) continue;  // P is 0 there (scores -inf)
       const T* vrow = sV + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW;
 #pragma unroll
       for (int i = 0; i + 1 < NT_OW; i += 2) {
@@ -350,9 +358,18 @@ __global__ void __launch_bounds__(256) attn_combine_kernel(const float* __restri
 // ---- dispatch -----------------------------------------------------------------------------------
 // Tile shapes per head dim. The D = 512 configs need the large opt-in shared memory of sm_80 /
 // sm_90 (~149 KB); GPUs with ~99 KB (sm_86, sm_89) get the smaller one.
-using Cfg40 = AttnCfg<40, 128, 64, 8, 1>;
-using Cfg64 = AttnCfg<64, 128, 64, 8, 1>;
-using Cfg80 = AttnCfg<80, 128, 64, 8, 1>;
+//
+// Occupancy: 256 threads per CTA. Head dims <= 80 are built with __launch_bounds__(256, 2) (<= 128
+// registers, two CTAs per SM, so one CTA's K/V loads overlap the other's math); ptxas reports no
+// spills for them (tests/test_cuda_extension.py::test_ptxas_registers_and_spills, table in
+// benchmarks/results/ptxas-attention.txt). Head dims 128 / 160 need 166 / 198 registers: one CTA per
+// SM with single-stage K/V loads. Open choice, to be settled on a GPU: 64-row / 4-warp tiles (two
+// CTAs per SM) or double-buffered K/V (cp.async of tile t+1 during tile t; +BC*SROW*2 bytes of smem)
+// for D = 128 and 160; measure `python benchmarks/bench_ops.py` attention rows at D = 128 / 160
+// (SDXL 4096 x 4096 and 1024 x 77) for each and keep the faster.
+using Cfg40 = AttnCfg<40, 128, 64, 8, 1, 2>;
+using Cfg64 = AttnCfg<64, 128, 64, 8, 1, 2>;
+using Cfg80 = AttnCfg<80, 128, 64, 8, 1, 2>;
 using Cfg128 = AttnCfg<128, 128, 64, 8, 1>;
 using Cfg160 = AttnCfg<160, 128, 64, 8, 1>;
 using Cfg512Big = AttnCfg<512, 64, 32, 4, 2>;
@@ -371,15 +388,25 @@ int max_smem_optin(int device) {
 
 bool use_big512(int device) { return max_smem_optin(device) >= Cfg512Big::SMEM; }
 
+// Sets the kernel's max dynamic shared memory once per (device, kernel): the attribute belongs to
+// the device's context, so a later call on the same device is a load of one atomic word.
+// (cudaFuncSetAttribute enqueues nothing on a stream, so it is legal during graph capture too; the
+// ops are warmed up before a capture anyway.)
 template <typename T, typename Cfg>
-cudaError_t prepare_kernel() {
-  return cudaFuncSetAttribute(attn_fwd_kernel<T, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+cudaError_t prepare_kernel(int device) {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d (devices >= 64: every call)
+  const uint64_t bit = (device >= 0 && device < 64) ? (uint64_t(1) << device) : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(attn_fwd_kernel<T, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return err;
 }
 
 template <typename T, typename Cfg>
 cudaError_t num_splits_for(int b, int h, int lq, int lk, int device, int* out) {
   *out = 1;
-  cudaError_t err = prepare_kernel<T, Cfg>();
+  cudaError_t err = prepare_kernel<T, Cfg>(device);
   if (err != cudaSuccess) return err;
   int per_sm = 0, sms = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attn_fwd_kernel<T, Cfg>, Cfg::THREADS, Cfg::SMEM);
@@ -399,8 +426,8 @@ cudaError_t num_splits_for(int b, int h, int lq, int lk, int device, int* out) {
 }
 
 template <typename T, typename Cfg>
-cudaError_t launch_cfg(const AttentionArgs& a, cudaStream_t stream) {
-  cudaError_t err = prepare_kernel<T, Cfg>();
+cudaError_t launch_cfg(const AttentionArgs& a, int device, cudaStream_t stream) {
+  cudaError_t err = prepare_kernel<T, Cfg>(device);
   if (err != cudaSuccess) return err;
   KernelParams p;
   p.q = a.q;
@@ -462,9 +489,10 @@ struct SplitsFn {
 
 struct LaunchFn {
   const AttentionArgs& a;
+  int device;
   cudaStream_t stream;
   template <typename T, typename Cfg>
-  cudaError_t operator()() const { return launch_cfg<T, Cfg>(a, stream); }
+  cudaError_t operator()() const { return launch_cfg<T, Cfg>(a, device, stream); }
 };
 
 }  // namespace
@@ -480,7 +508,7 @@ cudaError_t attention_num_splits(int b, int h, int lq, int lk, int d, DType dtyp
 
 cudaError_t attention_launch(const AttentionArgs& args, int device, cudaStream_t stream) {
   if (args.lq == 0 || args.b == 0 || args.h == 0) return cudaSuccess;
-  return dispatch(args.dtype, args.d, device, LaunchFn{args, stream});
+  return dispatch(args.dtype, args.d, device, LaunchFn{args, device, stream});
 }
 
 }  // namespace ldm

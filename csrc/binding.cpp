@@ -6,8 +6,10 @@
 // stream as an integer handle (torch.cuda.current_stream().cuda_stream), so launches go on the
 // caller's stream and can be captured in CUDA graphs. Nothing here allocates or synchronises.
 //
-// Error contract: a missing / malformed __cuda_array_interface__ or an unsupported dtype ->
-// TypeError; wrong shape, strides, alignment, sizes, device or workspace -> ValueError; a CUDA
+// Every array's dtype is declared by the caller (dtype= strings); the typestr must agree with it.
+//
+// Error contract: a missing / malformed __cuda_array_interface__, an unsupported dtype or a typestr
+// that disagrees with the declared dtype -> TypeError; wrong shape, strides, alignment, sizes, device or workspace -> ValueError; a CUDA
 // runtime failure (no driver, launch error) -> RuntimeError. Each message names the argument.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -95,13 +97,28 @@ std::string shape_str(const std::vector<int64_t>& v) {
   return s + (v.size() == 1 ? ",)" : ")");
 }
 
-bool parse_dtype(const std::string& typestr, ldm::DType* dtype, int* itemsize) {
-  // torch reports bfloat16 as "<V2" (as ml_dtypes does); 16-bit void is accepted as bfloat16.
-  if (typestr == "<f2") { *dtype = ldm::DType::kF16; *itemsize = 2; return true; }
-  if (typestr == "<V2") { *dtype = ldm::DType::kBF16; *itemsize = 2; return true; }
-  if (typestr == "<f4") { *dtype = ldm::DType::kF32; *itemsize = 4; return true; }
+// The dtype comes from the caller (torch's tensor.dtype), never from the typestr alone: torch 2.5 and
+// 2.6 report bfloat16 as "<f2" (float16's typestr), later versions as "<V2" (as ml_dtypes does), so a
+// typestr-derived dtype read bf16 data as fp16 on those versions -- silently wrong results. The
+// typestr must still agree with the declared dtype: float16 "<f2"; bfloat16 "<V2" or "<f2" (old
+// torch); float32 "<f4". Anything else is refused (TypeError naming both).
+ldm::DType parse_dtype_name(const std::string& name, const std::string& what) {
+  if (name == "float16") return ldm::DType::kF16;
+  if (name == "bfloat16") return ldm::DType::kBF16;
+  if (name == "float32") return ldm::DType::kF32;
+  type_error(what + ": unknown dtype '" + name + "' (expected 'float16', 'bfloat16' or 'float32')");
+}
+
+bool typestr_agrees(const std::string& typestr, ldm::DType dtype) {
+  switch (dtype) {
+    case ldm::DType::kF16: return typestr == "<f2";
+    case ldm::DType::kBF16: return typestr == "<V2" || typestr == "<f2";
+    case ldm::DType::kF32: return typestr == "<f4";
+  }
   return false;
 }
+
+bool known_typestr(const std::string& typestr) { return typestr == "<f2" || typestr == "<V2" || typestr == "<f4"; }
 
 const char* dtype_name(ldm::DType t) {
   switch (t) {
@@ -112,7 +129,7 @@ const char* dtype_name(ldm::DType t) {
   return "?";
 }
 
-Array parse_array(py::handle obj, const std::string& name) {
+Array parse_array(py::handle obj, const std::string& name, ldm::DType dtype) {
   if (obj.is_none() || !py::hasattr(obj, "__cuda_array_interface__")) {
     const std::string tname = py::str(py::type::of(obj).attr("__name__"));
     type_error(name + ": expected a CUDA array exposing __cuda_array_interface__ (e.g. a torch CUDA tensor), got " +
@@ -131,8 +148,12 @@ Array parse_array(py::handle obj, const std::string& name) {
     type_error(name + ": __cuda_array_interface__['shape'] must be a tuple of ints");
   }
   const std::string typestr = py::str(cai["typestr"]);
-  if (!parse_dtype(typestr, &a.dtype, &a.itemsize))
+  if (!known_typestr(typestr))
     type_error(name + ": dtype '" + typestr + "' is not supported (float16 '<f2', bfloat16 '<V2', float32 '<f4')");
+  if (!typestr_agrees(typestr, dtype))
+    type_error(name + ": typestr '" + typestr + "' disagrees with the declared dtype " + dtype_name(dtype));
+  a.dtype = dtype;
+  a.itemsize = ldm::dtype_size(dtype);
   try {
     py::tuple data = cai["data"].cast<py::tuple>();
     if (data.size() != 2) throw py::cast_error();
@@ -192,8 +213,11 @@ std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape) {
 }
 
 // The pointer must be device (or managed) memory of `device`; needs a working CUDA runtime.
-void require_device_pointer(const Array& a, int device) {
-  if (a.numel() == 0) return;
+// cudaPointerGetAttributes costs ~1 us per call; callers that already know every array is device
+// memory of `device` (ldm_engine.ops._cuda_backend: torch CUDA tensors whose .device it checked)
+// pass check_pointers=False and skip it. Everything else (shapes, strides, alignment) is always checked.
+void require_device_pointer(const Array& a, int device, bool check) {
+  if (!check || a.numel() == 0) return;
   cudaPointerAttributes attr;
   cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(a.ptr));
   if (err != cudaSuccess) {
@@ -289,67 +313,77 @@ GnShape gn_check_x(const Array& x, int64_t num_groups, bool channels_last) {
   return g;
 }
 
-int64_t group_norm_silu_workspace_size(py::handle x_obj, int64_t num_groups, bool channels_last) {
-  const Array x = parse_array(x_obj, "x");
+// sm_count: the device's multiprocessor count (0: unknown -> the fused plan wherever it fits).
+int64_t group_norm_silu_workspace_size(py::handle x_obj, int64_t num_groups, bool channels_last,
+                                       const std::string& dtype, int sm_count) {
+  const Array x = parse_array(x_obj, "x", parse_dtype_name(dtype, "x"));
   const GnShape g = gn_check_x(x, num_groups, channels_last);
-  const ldm::GroupNormPlan plan =
-      ldm::group_norm_plan(g.n, g.c, g.s, int(num_groups), channels_last, x.dtype, x.ptr % 16 == 0);
+  const ldm::GroupNormPlan plan = ldm::group_norm_plan(g.n, g.c, g.s, int(num_groups), channels_last, x.dtype,
+                                                       x.ptr % 16 == 0, sm_count);
   return plan.workspace_floats;
 }
 
-void check_param(const py::object& obj, const std::string& name, const Array& x, int64_t c, const void** out,
-                 int device) {
+// weight / bias: C elements of `param_dtype`, which is x's dtype or float32 (read as fp32 by the
+// kernels: no rounding of fp32 parameters to fp16 / bf16, no cast kernel, no allocation).
+// Returns the parsed array (empty name when absent); its pointer is checked with the others.
+Array check_param(const py::object& obj, const std::string& name, const Array& x, ldm::DType param_dtype, int64_t c,
+                  const void** out) {
   *out = nullptr;
-  if (obj.is_none()) return;
-  const Array p = parse_array(obj, name);
-  if (p.dtype != x.dtype)
-    type_error(name + ": dtype " + dtype_name(p.dtype) + " differs from x's " + dtype_name(x.dtype));
+  if (obj.is_none()) return Array{};
+  Array p = parse_array(obj, name, param_dtype);
+  if (p.dtype != x.dtype && p.dtype != ldm::DType::kF32)
+    type_error(name + ": dtype " + dtype_name(p.dtype) + " is neither x's " + dtype_name(x.dtype) + " nor float32");
   if (p.ndim() != 1 || p.shape[0] != c)
     value_error(name + ": expected shape (" + std::to_string(c) + ",), got " + shape_str(p.shape));
   if (c > 1 && p.strides[0] != 1) value_error(name + ": must be contiguous");
-  require_device_pointer(p, device);
   *out = reinterpret_cast<const void*>(p.ptr);
+  return p;
 }
 
 void group_norm_silu(py::handle x_obj, py::object weight, py::object bias, py::handle y_obj, py::object workspace,
-                     int64_t num_groups, double eps, bool silu, bool channels_last, uintptr_t stream, int device) {
-  const Array x = parse_array(x_obj, "x");
-  const Array y = parse_array(y_obj, "y");
+                     int64_t num_groups, double eps, bool silu, bool channels_last, uintptr_t stream, int device,
+                     const std::string& dtype, const std::string& param_dtype, int sm_count, bool check_pointers) {
+  const ldm::DType dt = parse_dtype_name(dtype, "x");
+  const ldm::DType pdt = parse_dtype_name(param_dtype, "weight/bias");
+  const Array x = parse_array(x_obj, "x", dt);
+  const Array y = parse_array(y_obj, "y", dt);
   const GnShape g = gn_check_x(x, num_groups, channels_last);
-  if (y.dtype != x.dtype) type_error(std::string("y: dtype ") + dtype_name(y.dtype) + " differs from x's " + dtype_name(x.dtype));
   if (y.shape != x.shape) value_error("y: shape " + shape_str(y.shape) + " differs from x's " + shape_str(x.shape));
   require_strides(y, g.expected_strides, g.layout);
   require_writable(y);
   if (!std::isfinite(eps) || eps < 0) value_error("eps must be finite and >= 0");
   if (device < 0) value_error("device must be a CUDA device index >= 0");
+  if (sm_count < 0) value_error("sm_count must be >= 0");
+
+  ldm::GroupNormArgs args;
+  const Array w = check_param(weight, "weight", x, pdt, g.c, &args.weight);
+  const Array b = check_param(bias, "bias", x, pdt, g.c, &args.bias);
 
   const ldm::GroupNormPlan plan = ldm::group_norm_plan(g.n, g.c, g.s, int(num_groups), channels_last, x.dtype,
-                                                       x.ptr % 16 == 0 && y.ptr % 16 == 0);
+                                                       x.ptr % 16 == 0 && y.ptr % 16 == 0, sm_count);
   float* ws_ptr = nullptr;
+  Array ws;
   if (plan.workspace_floats > 0) {
     if (workspace.is_none())
       value_error("workspace: " + std::to_string(plan.workspace_floats) +
                   " float32 elements are required for this shape (group_norm_silu_workspace_size)");
-    const Array ws = parse_array(workspace, "workspace");
-    if (ws.dtype != ldm::DType::kF32) type_error("workspace: must be float32");
+    ws = parse_array(workspace, "workspace", ldm::DType::kF32);
     if (ws.numel() < plan.workspace_floats)
       value_error("workspace: " + std::to_string(ws.numel()) + " elements, " + std::to_string(plan.workspace_floats) +
                   " required");
     require_strides(ws, contiguous_strides(ws.shape), "contiguous");
     if (ws.ptr % 16 != 0) value_error("workspace: pointer must be 16-byte aligned");
     require_writable(ws);
-    require_device_pointer(ws, device);
     ws_ptr = reinterpret_cast<float*>(ws.ptr);
   }
-  ldm::GroupNormArgs args;
-  check_param(weight, "weight", x, g.c, &args.weight, device);
-  check_param(bias, "bias", x, g.c, &args.bias, device);
-  require_device_pointer(x, device);
-  require_device_pointer(y, device);
+  // Pointer queries last: every other check has passed by now.
+  for (const Array* a : std::initializer_list<const Array*>{&x, &y, &w, &b, &ws})
+    if (!a->name.empty()) require_device_pointer(*a, device, check_pointers);
 
   args.x = reinterpret_cast<const void*>(x.ptr);
   args.y = reinterpret_cast<void*>(y.ptr);
   args.workspace = ws_ptr;
+  args.params_f32 = pdt == ldm::DType::kF32;
   args.n = g.n;
   args.c = g.c;
   args.s = g.s;
@@ -386,18 +420,15 @@ struct AttnShape {
 AttnShape attn_check(const Array& q, const Array& k, const Array* v, const Array* o) {
   attn_check_4d(q);
   attn_check_4d(k);
-  if (k.dtype != q.dtype) type_error("k: dtype differs from q's");
   if (k.shape[0] != q.shape[0] || k.shape[1] != q.shape[1] || k.shape[3] != q.shape[3])
     value_error("k: shape " + shape_str(k.shape) + " does not match q " + shape_str(q.shape) +
                 " (expected (B, H, Lk, D))");
   if (v != nullptr) {
     attn_check_4d(*v);
-    if (v->dtype != q.dtype) type_error("v: dtype differs from q's");
     if (v->shape != k.shape) value_error("v: shape " + shape_str(v->shape) + " differs from k's " + shape_str(k.shape));
   }
   if (o != nullptr) {
     attn_check_4d(*o);
-    if (o->dtype != q.dtype) type_error("o: dtype differs from q's");
     if (o->shape != q.shape) value_error("o: shape " + shape_str(o->shape) + " differs from q's " + shape_str(q.shape));
     require_writable(*o);
   }
@@ -412,9 +443,10 @@ AttnShape attn_check(const Array& q, const Array& k, const Array* v, const Array
   return {int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), int(d)};
 }
 
-py::tuple attention_plan(py::handle q_obj, py::handle k_obj, int device) {
-  const Array q = parse_array(q_obj, "q");
-  const Array k = parse_array(k_obj, "k");
+py::tuple attention_plan(py::handle q_obj, py::handle k_obj, int device, const std::string& dtype) {
+  const ldm::DType dt = parse_dtype_name(dtype, "q");
+  const Array q = parse_array(q_obj, "q", dt);
+  const Array k = parse_array(k_obj, "k", dt);
   const AttnShape s = attn_check(q, k, nullptr, nullptr);
   if (device < 0) value_error("device must be a CUDA device index >= 0");
   DeviceGuard guard(device);
@@ -423,12 +455,21 @@ py::tuple attention_plan(py::handle q_obj, py::handle k_obj, int device) {
   return py::make_tuple(splits, ldm::attention_workspace_floats(s.b, s.h, s.lq, s.d, splits));
 }
 
+// CUDA runtime calls on this path (checked against the CUDA Runtime API reference for legality while
+// the stream is being captured into a graph: none enqueues work outside `stream`, allocates or
+// synchronises): cudaGetDevice / cudaSetDevice (DeviceGuard; cudaSetDevice only when the device
+// differs), cudaFuncSetAttribute (first launch of a kernel on a device only; ops warm up before a
+// capture), cudaGetLastError, kernel launches on `stream`, and cudaPointerGetAttributes (skipped when
+// check_pointers=False). Not yet run under capture on a GPU:
+// tests/test_cuda_extension.py::test_gpu_ops_run_on_a_side_stream_and_in_a_cuda_graph will tell.
 void attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle o_obj, py::object workspace,
-               double scale, int num_splits, uintptr_t stream, int device) {
-  const Array q = parse_array(q_obj, "q");
-  const Array k = parse_array(k_obj, "k");
-  const Array v = parse_array(v_obj, "v");
-  const Array o = parse_array(o_obj, "o");
+               double scale, int num_splits, uintptr_t stream, int device, const std::string& dtype,
+               bool check_pointers) {
+  const ldm::DType dt = parse_dtype_name(dtype, "q");
+  const Array q = parse_array(q_obj, "q", dt);
+  const Array k = parse_array(k_obj, "k", dt);
+  const Array v = parse_array(v_obj, "v", dt);
+  const Array o = parse_array(o_obj, "o", dt);
   const AttnShape s = attn_check(q, k, &v, &o);
   if (!std::isfinite(scale) || scale <= 0) value_error("scale must be finite and > 0");
   if (num_splits < 1 || num_splits > 64) value_error("num_splits must be in [1, 64]");
@@ -438,17 +479,16 @@ void attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle 
     const int64_t need = ldm::attention_workspace_floats(s.b, s.h, s.lq, s.d, num_splits);
     if (workspace.is_none())
       value_error("workspace: num_splits > 1 needs " + std::to_string(need) + " float32 elements");
-    const Array ws = parse_array(workspace, "workspace");
-    if (ws.dtype != ldm::DType::kF32) type_error("workspace: must be float32");
+    const Array ws = parse_array(workspace, "workspace", ldm::DType::kF32);
     if (ws.numel() < need)
       value_error("workspace: " + std::to_string(ws.numel()) + " elements, " + std::to_string(need) + " required");
     require_strides(ws, contiguous_strides(ws.shape), "contiguous");
     if (ws.ptr % 16 != 0) value_error("workspace: pointer must be 16-byte aligned");
     require_writable(ws);
-    require_device_pointer(ws, device);
+    require_device_pointer(ws, device, check_pointers);
     ws_ptr = reinterpret_cast<float*>(ws.ptr);
   }
-  for (const Array* a : {&q, &k, &v, &o}) require_device_pointer(*a, device);
+  for (const Array* a : {&q, &k, &v, &o}) require_device_pointer(*a, device, check_pointers);
 
   ldm::AttentionArgs args;
   args.q = reinterpret_cast<const void*>(q.ptr);
@@ -478,17 +518,22 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ldm_engine CUDA kernels (pybind11; takes device pointers, shapes and a stream)";
   m.def("device_info", &device_info, "Build info and the CUDA devices visible to this process.");
   m.def("group_norm_silu_workspace_size", &group_norm_silu_workspace_size, py::arg("x"), py::arg("num_groups"),
-        py::arg("channels_last"),
+        py::arg("channels_last"), py::kw_only(), py::arg("dtype"), py::arg("sm_count") = 0,
         "float32 elements of workspace group_norm_silu needs for x (0: none), assuming y is 16-byte aligned.");
   m.def("group_norm_silu", &group_norm_silu, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
         py::arg("workspace"), py::arg("num_groups"), py::arg("eps"), py::arg("silu"), py::arg("channels_last"),
-        py::arg("stream"), py::arg("device"),
+        py::arg("stream"), py::arg("device"), py::kw_only(), py::arg("dtype"), py::arg("param_dtype"),
+        py::arg("sm_count") = 0, py::arg("check_pointers") = true,
         "y = silu(group_norm(x)) (silu optional). x, y: (N, C, *spatial) contiguous, or channels_last: (N, L, C) "
-        "contiguous / (N, C, H, W) in channels_last memory. Launches on `stream` (a cudaStream_t as int).");
-  m.def("attention_plan", &attention_plan, py::arg("q"), py::arg("k"), py::arg("device"),
-        "(num_splits, workspace_floats) for attention on this device.");
+        "contiguous / (N, C, H, W) in channels_last memory. dtype: x's ('float16' | 'bfloat16' | 'float32'); "
+        "param_dtype: weight's and bias's (x's dtype or 'float32'); sm_count: the device's multiprocessors (picks "
+        "the plan). Launches on `stream` (a cudaStream_t as int).");
+  m.def("attention_plan", &attention_plan, py::arg("q"), py::arg("k"), py::arg("device"), py::kw_only(),
+        py::arg("dtype"), "(num_splits, workspace_floats) for attention on this device.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("workspace"),
-        py::arg("scale"), py::arg("num_splits"), py::arg("stream"), py::arg("device"),
-        "o = softmax(q k^T * scale) v, non-causal; q, o (B, H, Lq, D), k, v (B, H, Lk, D); float16 / bfloat16; "
-        "D in {40, 64, 80, 128, 160, 512}; head dim contiguous, other strides multiples of 16 bytes.");
+        py::arg("scale"), py::arg("num_splits"), py::arg("stream"), py::arg("device"), py::kw_only(),
+        py::arg("dtype"), py::arg("check_pointers") = true,
+        "o = softmax(q k^T * scale) v, non-causal; q, o (B, H, Lq, D), k, v (B, H, Lk, D); dtype 'float16' / "
+        "'bfloat16' (declared by the caller); D in {40, 64, 80, 128, 160, 512}; head dim contiguous, other "
+        "strides multiples of 16 bytes.");
 }

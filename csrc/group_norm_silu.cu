@@ -1,13 +1,15 @@
 // GroupNorm (+ SiLU) with fp32 statistics, vectorised (16-byte accesses where aligned).
 //
-// Plans (chosen by group_norm_plan from shapes only, so the binding can size the workspace):
-// - fused (channels-first, group <= kFusedThreads * kFusedItems vectors): one CTA per (n, group)
+// Plans (chosen by group_norm_plan from shapes and the SM count, so the binding can size the workspace):
+// - fused (channels-first, group <= kFusedThreads * kFusedItems vectors, and n * groups >= SMs or
+//   groups too small to split, see group_norm_plan): one CTA per (n, group)
 //   keeps the group in registers: exact two-pass mean/variance, then normalise + SiLU + store.
 //   One read, one write, one launch -- the U-Net's small feature maps.
 // - split (everything else): stats kernel writes Welford partials (count, mean, M2) per slice;
 //   finalize merges them per (n, group) (Chan's formula) into per-(n, channel) scale/shift;
 //   apply is a flat elementwise pass y = silu(x * scale + shift). The second read of x mostly
 //   hits L2 for tensors that fit in it.
+// weight / bias are read in x's dtype or in float32, as given (no per-call cast, no rounding).
 #include <algorithm>
 
 #include "cuda_utils.cuh"
@@ -16,11 +18,12 @@ namespace ldm {
 namespace {
 
 constexpr int kFusedThreads = 1024;
-constexpr int kFusedItems = 6;  // vectors per thread held in registers
+constexpr int kFusedItems = 5;  // vectors per thread held in registers (6 spilled: bf16, sm_90)
 constexpr int kStatsThreads = 256;
 constexpr int kStatsUnroll = 4;  // independent loads in flight per thread
 constexpr int64_t kChunkTarget = 16384;  // elements per channels-first stats CTA
 constexpr int64_t kMaxSplits = 1024;
+constexpr int64_t kMinSliceElems = 2048;  // smallest channels-first slice the small-batch rule makes
 constexpr int kClCols = 32, kClRows = 8;  // channels-last stats block: 32 column vectors x 8 rows
 constexpr int64_t kClMaxSplits = 256;
 constexpr int kApplyThreads = 256;
@@ -29,16 +32,20 @@ constexpr int kFinalizeThreads = 256;
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-template <typename T>
-__device__ __forceinline__ float param_or(const T* p, int64_t i, float dflt) {
-  return p != nullptr ? to_float(p[i]) : dflt;
+// weight / bias: x's dtype T, or float32 when PF32 (read as is: fp32 parameters are not rounded to
+// fp16 / bf16). A template parameter, not a runtime flag: the fused kernel runs at the 64-register
+// cap of 1024 threads, where a runtime branch made ptxas spill (bf16, sm_90).
+template <typename T, bool PF32>
+__device__ __forceinline__ float param_or(const void* p, int64_t i, float dflt) {
+  if (p == nullptr) return dflt;
+  if constexpr (PF32) return static_cast<const float*>(p)[i];
+  else return to_float(static_cast<const T*>(p)[i]);
 }
 
 // ------------------------------------------------------------------------------------------
-template <typename T, int VEC>
+template <typename T, int VEC, bool PF32>
 __global__ void __launch_bounds__(kFusedThreads)
-gn_fused_cf_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
-                   int c, int s, int groups, float eps, bool silu) {
+gn_fused_cf_kernel(const T* __restrict__ x, const void* __restrict__ w, const void* __restrict__ b, T* __restrict__ y, int c, int s, int groups, float eps, bool silu) {
   __shared__ float scratch[96];
   const int ng = blockIdx.x;
   const int g = ng % groups;
@@ -79,8 +86,8 @@ gn_fused_cf_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __
     const int idx = (i * kFusedThreads + int(threadIdx.x)) * VEC;
     if (idx < e) {
       const int ch = g * cg + idx / s;  // s % VEC == 0: one channel per vector
-      const float sc = rstd * param_or(w, ch, 1.f);
-      const float sh = param_or(b, ch, 0.f) - mean * sc;
+      const float sc = rstd * param_or<T, PF32>(w, ch, 1.f);
+      const float sh = param_or<T, PF32>(b, ch, 0.f) - mean * sc;
       Vec<T, VEC> out;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
@@ -210,9 +217,9 @@ gn_stats_cl_kernel(const T* __restrict__ x, float* __restrict__ partials, int64_
 }
 
 // Merges a group's partials into mean / rstd, then writes per-channel (scale, shift).
-template <typename T>
+template <typename T, bool PF32>
 __global__ void __launch_bounds__(kFinalizeThreads)
-gn_finalize_kernel(const float* __restrict__ partials, const T* __restrict__ w, const T* __restrict__ b,
+gn_finalize_kernel(const float* __restrict__ partials, const void* __restrict__ w, const void* __restrict__ b,
                    float2* __restrict__ scale_shift, int c, int groups, int splits, bool channels_last, float eps) {
   __shared__ float scratch[96];
   const int64_t ng = blockIdx.x;
@@ -239,8 +246,8 @@ gn_finalize_kernel(const float* __restrict__ partials, const T* __restrict__ w, 
   const float rstd = rsqrtf(var + eps);
   for (int j = threadIdx.x; j < cg; j += kFinalizeThreads) {
     const int ch = g * cg + j;
-    const float sc = rstd * param_or(w, ch, 1.f);
-    scale_shift[n * c + ch] = make_float2(sc, param_or(b, ch, 0.f) - acc.mean * sc);
+    const float sc = rstd * param_or<T, PF32>(w, ch, 1.f);
+    scale_shift[n * c + ch] = make_float2(sc, param_or<T, PF32>(b, ch, 0.f) - acc.mean * sc);
   }
 }
 
@@ -278,8 +285,6 @@ int64_t partial_floats(const GroupNormPlan& p, int64_t n, int64_t c, int groups,
 template <typename T, int VEC>
 cudaError_t launch_split(const GroupNormArgs& a, const GroupNormPlan& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
-  const T* w = static_cast<const T*>(a.weight);
-  const T* b = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
   float* partials = a.workspace;
   float2* scale_shift = reinterpret_cast<float2*>(a.workspace + round_up(partial_floats(p, a.n, a.c, a.groups,
@@ -294,8 +299,9 @@ cudaError_t launch_split(const GroupNormArgs& a, const GroupNormPlan& p, cudaStr
                                  dim3(kClCols, kClRows), 0, stream>>>(x, partials, a.s, int(a.c), p.chunk,
                                                                       int(p.splits));
   }
-  gn_finalize_kernel<T><<<unsigned(a.n * a.groups), kFinalizeThreads, 0, stream>>>(
-      partials, w, b, scale_shift, int(a.c), a.groups, int(p.splits), a.channels_last, a.eps);
+  auto finalize = a.params_f32 ? gn_finalize_kernel<T, true> : gn_finalize_kernel<T, false>;
+  finalize<<<unsigned(a.n * a.groups), kFinalizeThreads, 0, stream>>>(
+      partials, a.weight, a.bias, scale_shift, int(a.c), a.groups, int(p.splits), a.channels_last, a.eps);
   const int64_t total_vecs = a.n * a.c * a.s / VEC;
   const unsigned grid = unsigned(std::min<int64_t>(ceil_div(total_vecs, kApplyThreads), int64_t(1) << 20));
   const bool small = a.n * a.c * a.s < (int64_t(1) << 31);
@@ -321,9 +327,9 @@ template <typename T>
 cudaError_t launch_typed(const GroupNormArgs& a, const GroupNormPlan& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   if (p.fused) {
-    gn_fused_cf_kernel<T, kVec><<<unsigned(a.n * a.groups), kFusedThreads, 0, stream>>>(
-        static_cast<const T*>(a.x), static_cast<const T*>(a.weight), static_cast<const T*>(a.bias),
-        static_cast<T*>(a.y), int(a.c), int(a.s), a.groups, a.eps, a.silu);
+    auto fused = a.params_f32 ? gn_fused_cf_kernel<T, kVec, true> : gn_fused_cf_kernel<T, kVec, false>;
+    fused<<<unsigned(a.n * a.groups), kFusedThreads, 0, stream>>>(
+        static_cast<const T*>(a.x), a.weight, a.bias, static_cast<T*>(a.y), int(a.c), int(a.s), a.groups, a.eps, a.silu);
     return cudaGetLastError();
   }
   return p.vec == kVec ? launch_split<T, kVec>(a, p, stream) : launch_split<T, 1>(a, p, stream);
@@ -332,7 +338,7 @@ cudaError_t launch_typed(const GroupNormArgs& a, const GroupNormPlan& p, cudaStr
 }  // namespace
 
 GroupNormPlan group_norm_plan(int64_t n, int64_t c, int64_t s, int groups, bool channels_last, DType dtype,
-                              bool aligned16) {
+                              bool aligned16, int sm_count) {
   GroupNormPlan p;
   if (n == 0 || c == 0 || s == 0) return p;  // nothing to launch; also avoids ceil_div(0, 0) below
   const int vmax = 16 / dtype_size(dtype);
@@ -340,11 +346,19 @@ GroupNormPlan group_norm_plan(int64_t n, int64_t c, int64_t s, int groups, bool 
   if (!channels_last) {
     p.vec = (aligned16 && s % vmax == 0) ? vmax : 1;
     const int64_t e = cg * s;
-    if (p.vec == vmax && e <= int64_t(kFusedThreads) * kFusedItems * vmax) {
+    // Small batch: the fused plan launches one CTA per (n, group), e.g. 32-64 CTAs at batch 1-2 on
+    // GPUs with 108-132 SMs. When n * groups is below the SM count, the split plan spreads each group
+    // over enough slices for ~2 CTAs per SM (slices of >= kMinSliceElems). Untimed rule (no GPU run
+    // yet); the measurement that settles it: benchmarks/bench_ops.py's GroupNorm rows at batch 1 and 2
+    // with sm_count=0 (always fused where it fits) against the device's count (this rule).
+    const int64_t ctas = n * groups;
+    const int64_t small_batch_splits =
+        (sm_count > 0 && ctas < sm_count) ? std::min(ceil_div(2 * int64_t(sm_count), ctas), e / kMinSliceElems) : 1;
+    if (p.vec == vmax && e <= int64_t(kFusedThreads) * kFusedItems * vmax && small_batch_splits <= 1) {
       p.fused = true;
       return p;
     }
-    int64_t splits = std::min(std::max<int64_t>(ceil_div(e, kChunkTarget), 1), kMaxSplits);
+    int64_t splits = std::min(std::max<int64_t>({ceil_div(e, kChunkTarget), small_batch_splits, 1}), kMaxSplits);
     p.chunk = round_up(ceil_div(e, splits), p.vec);
     p.splits = ceil_div(e, p.chunk);  // no empty slices
   } else {

@@ -15,7 +15,8 @@ inline int dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm (+ SiLU). x and y are dense: channels-first (N, C, S) with S contiguous, or
-// channels-last (N, S, C) with C contiguous. weight/bias: C elements of x's dtype, or null.
+// channels-last (N, S, C) with C contiguous. weight/bias: C elements of x's dtype or of float32
+// (params_f32), or null.
 // ---------------------------------------------------------------------------------------------
 struct GroupNormPlan {
   bool fused = false;        // one CTA per (n, group), no workspace
@@ -31,6 +32,7 @@ struct GroupNormArgs {
   const void* bias = nullptr;
   void* y = nullptr;
   float* workspace = nullptr;
+  bool params_f32 = false;  // weight / bias are float32 (else x's dtype)
   int64_t n = 0, c = 0, s = 0;
   int groups = 1;
   float eps = 1e-5f;
@@ -39,10 +41,11 @@ struct GroupNormArgs {
   DType dtype = DType::kF16;
 };
 
-// The plan depends only on shapes, layout, dtype and whether x/y are 16-byte aligned, so the
-// binding can size the workspace before the launch and the launch recomputes the same plan.
+// The plan depends only on shapes, layout, dtype, whether x/y are 16-byte aligned and the device's
+// multiprocessor count (sm_count; 0 = unknown), so the binding can size the workspace before the
+// launch and the launch recomputes the same plan.
 GroupNormPlan group_norm_plan(int64_t n, int64_t c, int64_t s, int groups, bool channels_last, DType dtype,
-                              bool aligned16);
+                              bool aligned16, int sm_count);
 cudaError_t group_norm_silu_launch(const GroupNormArgs& args, const GroupNormPlan& plan, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------

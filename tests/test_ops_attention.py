@@ -126,32 +126,72 @@ TRITON_CASES = [
     (1, 1, 24, 33, 512, {"BLOCK_M": 16, "BLOCK_N": 32, "D_SPLIT": 1}),
     (1, 2, 64, 64, 64, {"BLOCK_M": 32, "BLOCK_N": 16}),                # exact tiles, several key tiles
     (2, 2, 1, 5, 128, None),                                          # one query row
+    (1, 2, 19, 21, 96, {"BLOCK_M": 16, "BLOCK_N": 16}),                # 96 = 64 + 32, both pieces exact
 ]
 
 
-def test_cuda_backend_passes_tensors_without_grad(monkeypatch):
+class FakeAttnExt:
+    def __init__(self):
+        self.seen = {}
+
+    def attention_plan(self, q, k, device, *, dtype):
+        self.seen.update(plan_q=q, plan_k=k, plan_dtype=dtype)
+        return 1, 0
+
+    def attention(self, q, k, v, out, ws, scale, num_splits, stream, device, *, dtype, check_pointers):
+        self.seen.update(q=q, k=k, v=v, out=out, dtype=dtype, check_pointers=check_pointers)
+
+
+@pytest.fixture
+def fake_attn_ext(monkeypatch):
+    from ldm_engine.ops import _cuda_backend
+
+    ext = FakeAttnExt()
+    monkeypatch.setattr(_cuda_backend, "extension", lambda: ext)
+    monkeypatch.setattr(_cuda_backend, "_stream_and_device", lambda t: (0, 0))
+    monkeypatch.setattr(_cuda_backend, "_attention_plans", {})
+    return ext
+
+
+def test_cuda_backend_passes_tensors_without_grad(fake_attn_ext):
     """_C reads tensors through __cuda_array_interface__, which torch refuses for tensors that
     require grad (attention inputs in grad mode reach the custom op unchanged)."""
     from ldm_engine.ops import _cuda_backend
 
-    seen = {}
-
-    class FakeExt:
-        def attention_plan(self, q, k, device):
-            seen.update(plan_q=q, plan_k=k)
-            return 1, 0
-
-        def attention(self, q, k, v, out, ws, scale, num_splits, stream, device):
-            seen.update(q=q, k=k, v=v, out=out)
-
-    monkeypatch.setattr(_cuda_backend, "extension", lambda: FakeExt())
-    monkeypatch.setattr(_cuda_backend, "_stream_and_device", lambda t: (0, 0))
-    monkeypatch.setattr(_cuda_backend, "_attention_plans", {})
     q, k, v = (torch.randn(1, 2, n, 40, requires_grad=True) for n in (7, 5, 5))
     _cuda_backend.attention(q, k, v, 0.1)
     for name in ("plan_q", "plan_k", "q", "k", "v", "out"):
-        assert not seen[name].requires_grad, name
+        assert not fake_attn_ext.seen[name].requires_grad, name
 
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
+def test_cuda_backend_declares_the_dtype(fake_attn_ext, dtype, name):
+    from ldm_engine.ops import _cuda_backend
+
+    q, k, v = (torch.randn(1, 2, n, 64).to(dtype) for n in (7, 5, 5))
+    _cuda_backend.attention(q, k, v, 0.1)
+    assert fake_attn_ext.seen["dtype"] == fake_attn_ext.seen["plan_dtype"] == name
+    assert fake_attn_ext.seen["check_pointers"] is True  # CPU tensors: _C must query (and refuse) them
+
+
+def test_misaligned_contiguous_view_falls_back_or_is_copied(fake_attn_ext, monkeypatch):
+    """A contiguous view at an odd offset passes every stride check but not _C's 16-byte pointer
+    check: ops.attention sends it to torch; the cuda backend called directly hands _C an aligned copy."""
+    from ldm_engine.ops import _cuda_backend
+
+    base = torch.randn(2 * 5 * 64 + 1, dtype=torch.float16)
+    k = base[1:].view(1, 2, 5, 64)  # contiguous, pointer 2 bytes past an aligned one
+    q = torch.randn(1, 2, 7, 64, dtype=torch.float16)
+    assert k.is_contiguous() and k.data_ptr() % 16
+    monkeypatch.setattr(ops, "_cuda_reason", lambda t, op: None)  # as if k were a CUDA tensor
+    assert "16-byte aligned" in ops._attn_reason("cuda", q, k, k)
+    assert ops._attn_reason("cuda", q, q, q) is None
+    monkeypatch.setenv("LDM_ENGINE_BACKEND", "cuda")  # a preference: falls back to torch
+    out = ops.attention(q, k, k)
+    assert out.is_contiguous() and not fake_attn_ext.seen  # torch ran, not the fake _C
+    _cuda_backend.attention(q, k, k, 0.125)
+    assert all(fake_attn_ext.seen[n].data_ptr() % 16 == 0 for n in ("q", "k", "v"))
+    assert torch.equal(fake_attn_ext.seen["k"], k)
 
 
 @needs_triton
@@ -168,6 +208,20 @@ def test_triton_kernel_paths(case, dtype):
     assert_matches(out, q, k, v)
     out = triton_attention(q, k, v, 0.07, config=config)
     assert_matches(out, q, k, v, scale=0.07)
+
+
+@needs_triton
+def test_head_dim_pieces_cover_with_little_padding():
+    from ldm_engine.kernels.attention import head_dim_pieces
+
+    assert [head_dim_pieces(d) for d in (40, 64, 80, 128, 160, 512)] == [
+        (32, 16), (64, 0), (64, 16), (128, 0), (128, 32), (512, 0)]
+    for d in range(1, 513):
+        d0, d1 = head_dim_pieces(d)
+        assert d0 + d1 >= d and d0 >= 16 and d0 & (d0 - 1) == 0, d
+        assert d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0 and d1 < d0), d
+        if 16 <= d <= 256:  # never worse than one power-of-two block
+            assert d0 + d1 <= max(16, 1 << (d - 1).bit_length()), d
 
 
 @needs_triton
@@ -219,6 +273,18 @@ def test_gpu_backend_matches_reference(backend, dtype, batch, d, lq, lk):
 
 @pytest.mark.cuda
 @needs_cuda
+def test_gpu_triton_batch_times_heads_above_65535():
+    """batch * heads shares grid x with the query blocks (grid y would stop at 65535)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from ldm_engine.kernels.attention import attention as triton_attention
+
+    q, k, v = make_qkv(70_000, 1, 3, 5, 64, torch.float16, "cuda", seed=7)
+    assert_matches(triton_attention(q, k, v), q, k, v)
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_vae_mid_block_shape(backend):
     """One head of 512 over 4096 tokens (VAE decoder at 512 px), in the model's (B, L, H, D) storage."""
@@ -226,3 +292,56 @@ def test_gpu_vae_mid_block_shape(backend):
         pytest.skip("triton is not installed")
     q, k, v = make_qkv(1, 1, 4096, 4096, 512, torch.float16, "cuda", seed=99, layout="blhd")
     assert_matches(ops.attention(q, k, v, backend=backend), q, k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: every autotune config must fit sm_80 / sm_90 (ahead-of-time compiles, no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+def _triton_aot(*args, timeout=900):
+    """Runs tools/triton_aot.py in a subprocess without TRITON_INTERPRET (the interpreter compiles nothing)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_aot.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")  # fresh cache: ptxas runs and reports spills
+        res = subprocess.run([sys.executable, str(tool), *args, "--json", str(out)], env=env,
+                             capture_output=True, text=True, timeout=timeout)
+        if not out.exists():
+            pytest.fail(f"triton_aot.py failed (rc {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return json.loads(out.read_text()), res.stdout
+
+
+def _assert_fit(rows, log):
+    assert rows, log
+    bad = [r for r in rows if not r["fits"]]
+    assert not bad, "configs that need more shared memory than the opt-in limit or spill:\n" + "\n".join(
+        f"d={r['d']} {r['dtype']} {r['arch']} {r['config']} warps={r['num_warps']} stages={r['num_stages']}: "
+        f"smem {r['shared']} / {r['limit']}, spill {r['spill_bytes']} B" for r in bad)
+
+
+@needs_triton
+@pytest.mark.parametrize("d", [160, 512])
+def test_triton_configs_fit_sm80_sm90_default_config(d):
+    """The default (first) config of the two largest head dims, fp16, for sm_80 and sm_90: ~15 s each
+    on 2 cores. Every config of every head dim: test_triton_configs_fit_all (slow)."""
+    rows, log = _triton_aot("--quick", "--head-dim", str(d), "--dtype", "float16")
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    _assert_fit(rows, log)
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LDM_ENGINE_AOT_ALL") != "1",
+                    reason="~20 min on 2 cores (240 compiles); set LDM_ENGINE_AOT_ALL=1 to run")
+def test_triton_configs_fit_all():
+    """Every autotune config x head dim x (fp16, bf16) x (sm_80, sm_90)."""
+    rows, log = _triton_aot(timeout=3600)
+    _assert_fit(rows, log)

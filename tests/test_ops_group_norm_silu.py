@@ -136,28 +136,81 @@ def test_env_backend_falls_back_to_torch_for_unsupported_input(monkeypatch):
         ops.group_norm_silu(x, None, None, 8)
 
 
-def test_cuda_backend_passes_tensors_without_grad(monkeypatch):
+class FakeGnExt:
+    """Records what ops._cuda_backend hands ldm_engine._C (CPU tensors; nothing launches)."""
+
+    def __init__(self, need_ws=0):
+        self.seen, self.need_ws, self.size_calls = {}, need_ws, 0
+
+    def group_norm_silu_workspace_size(self, x, num_groups, channels_last, *, dtype, sm_count):
+        self.size_calls += 1
+        self.seen.update(ws_x=x, ws_dtype=dtype, ws_sm_count=sm_count)
+        return self.need_ws
+
+    def group_norm_silu(self, x, w, b, y, ws, num_groups, eps, silu, channels_last, stream, device, *, dtype,
+                        param_dtype, sm_count, check_pointers):
+        self.seen.update(x=x, w=w, b=b, y=y, ws=ws, dtype=dtype, param_dtype=param_dtype, sm_count=sm_count,
+                         check_pointers=check_pointers)
+
+
+@pytest.fixture
+def fake_gn_ext(monkeypatch):
+    from ldm_engine.ops import _cuda_backend
+
+    ext = FakeGnExt()
+    monkeypatch.setattr(_cuda_backend, "extension", lambda: ext)
+    monkeypatch.setattr(_cuda_backend, "_stream_and_device", lambda t: (0, 0))
+    monkeypatch.setattr(_cuda_backend, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(_cuda_backend, "_gn_workspace", {})
+    return ext
+
+
+def test_cuda_backend_passes_tensors_without_grad(fake_gn_ext):
     """torch refuses __cuda_array_interface__ on tensors that require grad (nn.Parameter weights; a
     custom op receives them unchanged), so the cuda backend must hand _C detached tensors."""
     from ldm_engine.ops import _cuda_backend
 
-    seen = {}
-
-    class FakeExt:
-        def group_norm_silu_workspace_size(self, x, num_groups, channels_last):
-            seen["ws_x"] = x
-            return 0
-
-        def group_norm_silu(self, x, w, b, y, ws, num_groups, eps, silu, channels_last, stream, device):
-            seen.update(x=x, w=w, b=b, y=y)
-
-    monkeypatch.setattr(_cuda_backend, "extension", lambda: FakeExt())
-    monkeypatch.setattr(_cuda_backend, "_stream_and_device", lambda t: (0, 0))
     gn = torch.nn.GroupNorm(8, 32)  # weight and bias require grad
     x = torch.randn(1, 32, 4, 4, requires_grad=True)
     _cuda_backend.group_norm_silu(x, gn.weight, gn.bias, 8, 1e-5, True, False)
     for name in ("ws_x", "x", "w", "b", "y"):
-        assert not seen[name].requires_grad, name
+        assert not fake_gn_ext.seen[name].requires_grad, name
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16"),
+                                        (torch.float32, "float32")])
+def test_cuda_backend_declares_dtypes_and_keeps_fp32_parameters(fake_gn_ext, dtype, name):
+    """The dtype goes to _C by name (torch 2.5 / 2.6 report bf16's typestr as "<f2"); fp32 weight and
+    bias reach the kernels as they are (no rounding to x's dtype, no cast, no allocation)."""
+    from ldm_engine.ops import _cuda_backend
+
+    x = torch.randn(2, 32, 3, 5).to(dtype)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)  # float32, as nn.GroupNorm keeps them under autocast
+    _cuda_backend.group_norm_silu(x, w, b, 8, 1e-5, True, False)
+    seen = fake_gn_ext.seen
+    assert seen["dtype"] == seen["ws_dtype"] == name
+    assert seen["param_dtype"] == "float32"
+    assert seen["w"].data_ptr() == w.data_ptr() and seen["b"].data_ptr() == b.data_ptr()
+    assert seen["sm_count"] == seen["ws_sm_count"] == 132
+    assert seen["check_pointers"] is True  # CPU tensors: _C must query (and refuse) them
+    # parameters in x's dtype pass unchanged too; a mixed pair or a third dtype becomes float32
+    _cuda_backend.group_norm_silu(x, w.to(dtype), b.to(dtype), 8, 1e-5, True, False)
+    assert seen["param_dtype"] == name and seen["w"].dtype == dtype
+    _cuda_backend.group_norm_silu(x, w.double(), None, 8, 1e-5, True, False)
+    assert seen["param_dtype"] == "float32" and seen["w"].dtype == torch.float32 and seen["b"] is None
+    _cuda_backend.group_norm_silu(x, None, None, 8, 1e-5, True, False)
+    assert seen["param_dtype"] == name and seen["w"] is None
+
+
+def test_cuda_backend_caches_the_workspace_size(fake_gn_ext):
+    from ldm_engine.ops import _cuda_backend
+
+    x = torch.randn(1, 32, 4, 4, dtype=torch.float16)
+    for _ in range(3):
+        _cuda_backend.group_norm_silu(x, None, None, 8, 1e-5, True, False)
+    assert fake_gn_ext.size_calls == 1
+    _cuda_backend.group_norm_silu(torch.randn(1, 32, 4, 5, dtype=torch.float16), None, None, 8, 1e-5, True, False)
+    assert fake_gn_ext.size_calls == 2
 
 
 def test_default_is_torch_until_measured():
@@ -256,3 +309,16 @@ def test_gpu_backend_matches_reference(backend, dtype, layout, batch, hw, channe
     poison_allocator(x)
     out = ops.group_norm_silu(x, w, b, 32, silu=silu, backend=backend)
     assert_matches(out, x, w, b, 32, silu, layout)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_triton_split_apply_grid_beyond_65535_blocks():
+    """The apply kernel's (group, spatial block) grid is 1-D: more than 65535 spatial blocks work."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from ldm_engine.kernels.group_norm_silu import group_norm_silu as triton_gn
+
+    x, w, b = make_input((1, 2, 70_000 * 16), "contiguous", torch.float16, "cuda", seed=5)
+    out = triton_gn(x, w, b, 2, 1e-5, True, False, plan="split", block_s=16)
+    assert_matches(out, x, w, b, 2, True, "contiguous")

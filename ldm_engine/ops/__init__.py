@@ -259,7 +259,11 @@ def _attn_reason(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         return f"head dim {d} (the cuda backend is built for {_CUDA_HEAD_DIMS})"
     if q.shape[0] * q.shape[1] > 65535:
         return "batch * heads > 65535"
-    return _cuda_reason(q, "attention")
+    why = _cuda_reason(q, "attention")
+    if why is None and (q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16):
+        # e.g. a contiguous view at an odd element offset: _C needs 16-byte aligned rows (cp.async)
+        return "a data pointer of q, k or v is not 16-byte aligned"
+    return why
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
