@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton's k
 import ldm_engine.ops as ops  # noqa: E402
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError  # noqa: E402
 from ldm_engine.ops.reference import attention_reference  # noqa: E402
+from triton_aot_utils import run_triton_aot  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -298,27 +299,6 @@ def test_gpu_vae_mid_block_shape(backend):
 # Triton: every autotune config must fit sm_80 / sm_90 (ahead-of-time compiles, no GPU needed)
 # ------------------------------------------------------------------------------------------------
 
-def _triton_aot(*args, timeout=900):
-    """Runs tools/triton_aot.py in a subprocess without TRITON_INTERPRET (the interpreter compiles nothing)."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_aot.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rows.json"
-        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")  # fresh cache: ptxas runs and reports spills
-        res = subprocess.run([sys.executable, str(tool), *args, "--json", str(out)], env=env,
-                             capture_output=True, text=True, timeout=timeout)
-        if not out.exists():
-            pytest.fail(f"triton_aot.py failed (rc {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-        return json.loads(out.read_text()), res.stdout
-
-
 def _assert_fit(rows, log):
     assert rows, log
     bad = [r for r in rows if not r["fits"]]
@@ -332,7 +312,7 @@ def _assert_fit(rows, log):
 def test_triton_configs_fit_sm80_sm90_default_config(d):
     """The default (first) config of the two largest head dims, fp16, for sm_80 and sm_90: ~15 s each
     on 2 cores. Every config of every head dim: test_triton_configs_fit_all (slow)."""
-    rows, log = _triton_aot("--quick", "--head-dim", str(d), "--dtype", "float16")
+    rows, log = run_triton_aot("--quick", "--head-dim", str(d), "--dtype", "float16")
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     _assert_fit(rows, log)
 
@@ -343,5 +323,5 @@ def test_triton_configs_fit_sm80_sm90_default_config(d):
                     reason="~20 min on 2 cores (240 compiles); set LDM_ENGINE_AOT_ALL=1 to run")
 def test_triton_configs_fit_all():
     """Every autotune config x head dim x (fp16, bf16) x (sm_80, sm_90)."""
-    rows, log = _triton_aot(timeout=3600)
+    rows, log = run_triton_aot(timeout=3600)
     _assert_fit(rows, log)

@@ -87,6 +87,30 @@ def compile_attention(d: int, dtype: str, cfg, cc: int) -> dict:
     return row
 
 
+def gn_channels_last_loads(cg: int, dtype: str = "float16", cc: int = 80) -> list[str]:
+    """The global load instructions of the fused GroupNorm kernel for channels_last input (channel
+    stride 1, CG channels per group): with CG a compile-time constant, 16-byte ``ld.global.v4.b32``
+    when CG is a multiple of 8 (16-bit types), instead of one element per load."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ldm_engine.kernels import group_norm_silu as mod
+
+    fn = mod._gn_fused_kernel
+    names = fn.arg_names
+    ptr = "*" + {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    sig = {n: "i32" for n in names}
+    sig.update({n: ptr for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}, eps="fp32")
+    consts = dict(CG=cg, HAS_W=True, HAS_B=True, SILU=True, BLOCK_C=triton.next_power_of_2(cg), BLOCK_S=256,
+                  stride_c=1)
+    sig.update({n: "constexpr" for n in consts})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "stride_n",
+                                                                      "stride_s")}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32), options={"num_warps": 8})
+    return sorted(set(re.findall(r"ld\.global[\w.]*", k.asm["ptx"])))
+
+
 def attention_jobs(quick: bool, dtypes=("float16", "bfloat16"), archs=(80, 90), head_dims=HEAD_DIMS):
     from ldm_engine.kernels.attention import configs_for
 
@@ -110,8 +134,17 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", action="append", type=int, help="80 and/or 90 (default both)")
     ap.add_argument("--head-dim", action="append", type=int, help=f"default: {HEAD_DIMS}")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--gn-loads", type=int, metavar="CG",
+                    help="instead: print the GroupNorm channels_last load instructions for CG channels per group")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ldm-aot-"))  # ptxas must run
+    if args.gn_loads:
+        loads = gn_channels_last_loads(args.gn_loads, (args.dtype or ["float16"])[0], (args.arch or [80])[0])
+        print(json.dumps(loads))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(loads, f)
+        return 0
     rows = []
     for d, dtype, cfg, cc in attention_jobs(args.quick, tuple(args.dtype or ("float16", "bfloat16")),
                                             tuple(args.arch or (80, 90)), tuple(args.head_dim or HEAD_DIMS)):

@@ -171,6 +171,8 @@ def _gn_reason(name: str, x: torch.Tensor) -> str | None:
         return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
     if name == "triton":
         return _triton_reason(x)
+    if x.shape[0] > 65535:  # _C's channels-last statistics put the batch in grid z
+        return "batch > 65535"
     return _cuda_reason(x, "group_norm_silu")
 
 
