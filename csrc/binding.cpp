@@ -455,12 +455,15 @@ py::tuple attention_plan(py::handle q_obj, py::handle k_obj, int device, const s
   return py::make_tuple(splits, ldm::attention_workspace_floats(s.b, s.h, s.lq, s.d, splits));
 }
 
-// CUDA runtime calls on this path (checked against the CUDA Runtime API reference for legality while
-// the stream is being captured into a graph: none enqueues work outside `stream`, allocates or
-// synchronises): cudaGetDevice / cudaSetDevice (DeviceGuard; cudaSetDevice only when the device
-// differs), cudaFuncSetAttribute (first launch of a kernel on a device only; ops warm up before a
-// capture), cudaGetLastError, kernel launches on `stream`, and cudaPointerGetAttributes (skipped when
-// check_pointers=False). Not yet run under capture on a GPU:
+// CUDA runtime calls of attention and group_norm_silu, checked against the CUDA Runtime API
+// reference (cudaStreamBeginCapture / cudaThreadExchangeStreamCaptureMode: what is unsafe during a
+// capture is work outside the captured stream, allocation and synchronisation) -- none of these
+// enqueues, allocates or synchronises: cudaGetDevice / cudaSetDevice (DeviceGuard; cudaSetDevice only
+// when the device differs), cudaFuncSetAttribute (attention; first launch of a kernel on a device
+// only, and ops warm up before a capture), cudaGetLastError, kernel launches on `stream`, and
+// cudaPointerGetAttributes (skipped with check_pointers=False, as ops._cuda_backend passes for torch
+// CUDA tensors). attention_plan's occupancy / attribute queries run once per shape, before a capture.
+// Not yet run under capture on a GPU:
 // tests/test_cuda_extension.py::test_gpu_ops_run_on_a_side_stream_and_in_a_cuda_graph will tell.
 void attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle o_obj, py::object workspace,
                double scale, int num_splits, uintptr_t stream, int device, const std::string& dtype,

@@ -349,8 +349,9 @@ GroupNormPlan group_norm_plan(int64_t n, int64_t c, int64_t s, int groups, bool 
     // Small batch: the fused plan launches one CTA per (n, group), e.g. 32-64 CTAs at batch 1-2 on
     // GPUs with 108-132 SMs. When n * groups is below the SM count, the split plan spreads each group
     // over enough slices for ~2 CTAs per SM (slices of >= kMinSliceElems). Untimed rule (no GPU run
-    // yet); the measurement that settles it: benchmarks/bench_ops.py's GroupNorm rows at batch 1 and 2
-    // with sm_count=0 (always fused where it fits) against the device's count (this rule).
+    // yet); the measurement that settles it: benchmarks/bench_ops.py's cuda GroupNorm rows at batch 1
+    // and 2, run with LDM_ENGINE_GN_SM_COUNT=0 (sm_count 0: fused wherever it fits) and without it
+    // (this rule); keep the rule only where it is faster.
     const int64_t ctas = n * groups;
     const int64_t small_batch_splits =
         (sm_count > 0 && ctas < sm_count) ? std::min(ceil_div(2 * int64_t(sm_count), ctas), e / kMinSliceElems) : 1;

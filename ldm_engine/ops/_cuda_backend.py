@@ -10,6 +10,8 @@ GroupNorm parameters are passed as they are (the kernels read fp32); and ``_C``'
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ldm_engine._cuda import extension
@@ -27,10 +29,14 @@ def _stream_and_device(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _sm_count(device: int) -> int:
-    """Multiprocessors of cuda:device (picks the GroupNorm plan); cached."""
+    """Multiprocessors of cuda:device, which picks the GroupNorm plan (split below one CTA per SM);
+    cached. LDM_ENGINE_GN_SM_COUNT (read once per device) overrides it: 0 keeps the fused plan
+    wherever it fits -- the A/B switch for timing that rule on a GPU (csrc/group_norm_silu.cu)."""
     n = _sm_counts.get(device)
     if n is None:
-        n = _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        env = os.environ.get("LDM_ENGINE_GN_SM_COUNT")
+        n = int(env) if env else torch.cuda.get_device_properties(device).multi_processor_count
+        _sm_counts[device] = n
     return n
 
 
