@@ -320,7 +320,7 @@ def test_triton_configs_fit_sm80_sm90_default_config(d):
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LDM_ENGINE_AOT_ALL") != "1",
-                    reason="~20 min on 2 cores (240 compiles); set LDM_ENGINE_AOT_ALL=1 to run")
+                    reason="~15 min on 2 cores (120 compiles); set LDM_ENGINE_AOT_ALL=1 to run")
 def test_triton_configs_fit_all():
     """Every autotune config x head dim x (fp16, bf16) x (sm_80, sm_90)."""
     rows, log = run_triton_aot(timeout=3600)

@@ -1,6 +1,6 @@
 """Ahead-of-time compiles of the Triton kernels for sm_80 / sm_90, without a GPU: do they fit?
 
-    python tools/triton_aot.py                  # every attention autotune config, both archs (slow)
+    python tools/triton_aot.py                  # every attention autotune config, both archs (~15 min)
     python tools/triton_aot.py --quick          # the first (default) config per head dim
     python tools/triton_aot.py --quick --head-dim 160 --dtype float16   # what CI runs (~30 s)
     python tools/triton_aot.py --json out.json
