@@ -135,6 +135,8 @@ class DecoderTiny(nn.Module):
 class AutoencoderTiny(nn.Module):
     """The tiny autoencoder: ``encode`` -> (latents, None), ``decode`` -> image in [-1, 1]."""
 
+    latent_distribution = False  # encode() gives final latents: img2img draws no posterior sample
+
     def __init__(self, config: TinyVAEConfig):
         super().__init__()
         if not isinstance(config, TinyVAEConfig):
