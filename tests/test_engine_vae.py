@@ -305,3 +305,18 @@ def test_no_callback_no_hook(monkeypatch, previewing):
     monkeypatch.setattr(samplers, "sample", lambda *a, **k: seen.append(k.get("after_step")) or real(*a, **k))
     previewing.generate(PROMPT, num_inference_steps=1, seed=0, output_type="latent")
     assert seen == [None]
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_vae_and_preview_dir(paths, taesd, tmp_path, capsys):
+    from ldm_engine.cli import main
+
+    out, previews = tmp_path / "img.png", tmp_path / "steps"
+    rc = main(["generate", "--model", str(paths["sd-turbo"]), "--prompt", PROMPT, "--steps", "2", "--device", "cpu",
+               "--vae", str(taesd[1]), "--preview-dir", str(previews), "--out", str(out), "--seed", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in previews.iterdir()) == ["step-000.png", "step-001.png"]
+    last, final = (np.asarray(Image.open(p)) for p in (previews / "step-001.png", out))
+    np.testing.assert_array_equal(last, final)  # the last step's preview decodes the final latents (same VAE)
+    assert main(["generate", "--prompt", PROMPT, "--vae", str(taesd[1]), "--out", str(out)]) == 2
+    assert "--vae" in capsys.readouterr().err

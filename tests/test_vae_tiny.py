@@ -66,3 +66,23 @@ def test_full_configs_parameter_counts_on_meta():
 def test_bad_configs_raise(bad):
     with pytest.raises(ValueError):
         TinyVAEConfig.from_dict(bad)
+
+
+def test_recorded_flops_match_flop_counter():
+    """benchmarks/flops.json's tiny-VAE figures are what torch.utils.flop_counter counts (meta device)."""
+    import json
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "flops.json").read_text())
+    with torch.device("meta"):
+        vae = AutoencoderTiny(TAESD_CONFIG)
+        with FlopCounterMode(display=False) as fc:
+            vae.decode(torch.randn(1, 4, 64, 64))
+        decode = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            vae.encode(torch.randn(1, 3, 512, 512))
+        encode = fc.get_total_flops()
+    assert recorded["taesd"]["vae_decode_512"] == decode and recorded["taesd"]["vae_encode_512"] == encode
+    assert decode * 10 < recorded["sd-turbo"]["vae_decode_512"]  # the point of the tiny VAE
