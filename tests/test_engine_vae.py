@@ -320,3 +320,27 @@ def test_cli_vae_and_preview_dir(paths, taesd, tmp_path, capsys):
     np.testing.assert_array_equal(last, final)  # the last step's preview decodes the final latents (same VAE)
     assert main(["generate", "--prompt", PROMPT, "--vae", str(taesd[1]), "--out", str(out)]) == 2
     assert "--vae" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- export
+def test_export_tiny_vae_and_run_onnxruntime(paths, taesd, tmp_path, init_image):
+    """--vae: the tiny VAE's encoder (one output, the latents) and decoder exported, verified in ONNX Runtime,
+    and the onnxruntime backend gives the torch backend's images (text-to-image and img2img)."""
+    pytest.importorskip("onnxruntime")
+    from ldm_engine.export.exporter import ExportOptions, export_model
+
+    out = tmp_path / "export"
+    opts = ExportOptions(height=(32, 32, 48), width=(32, 40, 48), batch=(1, 1, 2), progress=False, verify=True,
+                         vae=str(taesd[1]))
+    manifest = export_model(str(paths["sd-turbo"]), out, opts, log=lambda *a: None)
+    enc = manifest["networks"]["vae_encoder"]
+    assert [o["name"] for o in enc["contract"]["outputs"]] == ["latent"]
+    e_torch = Engine.from_pretrained(paths["sd-turbo"], vae=taesd[1])
+    e_ort = Engine.from_pretrained(paths["sd-turbo"], backend="onnxruntime", engine_dir=out)
+    assert not e_ort.components.vae.latent_distribution
+    for kw in (dict(num_inference_steps=1), dict(image=init_image, strength=0.5, num_inference_steps=2)):
+        a = e_torch.generate(PROMPT, guidance_scale=0.0, seed=2, output_type="np", **kw).images
+        b = e_ort.generate(PROMPT, guidance_scale=0.0, seed=2, output_type="np", **kw).images
+        assert np.abs(a - b).max() <= TOL and a.std() > 0.02
+    with pytest.raises(InvalidInputError, match="torch backend"):
+        Engine.from_pretrained(paths["sd-turbo"], backend="onnxruntime", engine_dir=out, vae=taesd[1])

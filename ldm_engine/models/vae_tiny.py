@@ -64,6 +64,11 @@ class TinyVAEConfig(ConfigBase):
         require(owner, "upsample_fn", self.upsample_fn, ("nearest",))
         require(owner, "upsampling_scaling_factor", self.upsampling_scaling_factor, (2,))
 
+    def to_dict(self) -> dict:
+        """config.json form, with diffusers' extra keys (class name, block_out_channels): a saved
+        config says which VAE it describes (ldm_engine.loading, export/runtime read it back)."""
+        return dict(super().to_dict(), _class_name="AutoencoderTiny", block_out_channels=self.block_out_channels)
+
     @property
     def block_out_channels(self) -> tuple:
         """The decoder's channels: diffusers registers them under this name, and the pipeline reads
