@@ -131,8 +131,10 @@ class Engine:
         self.vae_dtype = _module_dtype(vae, self.dtype)
         self.unet_dtype = _module_dtype(components.unet, self.dtype)
         self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.preview_vae = preview_vae
+        self.preview_vae = preview_vae  # step.preview() in callbacks (ldm_engine.pipeline.preview)
         check_vae_latent_channels(unet_cfg, vae, preview_vae)
+        if self.dtype == torch.float16 and preview_vae is not None and vae_needs_fp32(self.family, preview_vae.config):
+            preview_vae.to(torch.float32)
         self.latent_channels = unet_cfg.in_channels
         self.num_train_timesteps = int(components.scheduler_config.get("num_train_timesteps", 1000))
 

@@ -344,3 +344,22 @@ def test_export_tiny_vae_and_run_onnxruntime(paths, taesd, tmp_path, init_image)
         assert np.abs(a - b).max() <= TOL and a.std() > 0.02
     with pytest.raises(InvalidInputError, match="torch backend"):
         Engine.from_pretrained(paths["sd-turbo"], backend="onnxruntime", engine_dir=out, vae=taesd[1])
+
+
+def test_fp16_keeps_tiny_vae_in_fp16_on_sdxl(paths, taesd):
+    # The SDXL rule (force_upcast: decode in fp32) is for the full VAE; TAESDXL runs in fp16.
+    own = Engine.from_pretrained(paths["sdxl-turbo"], dtype="fp16", device="cpu")
+    tiny = Engine.from_pretrained(paths["sdxl-turbo"], dtype="fp16", device="cpu", vae=taesd[1], preview_vae=taesd[1])
+    assert own.vae_dtype == torch.float32
+    assert tiny.vae_dtype == torch.float16 and tiny.preview_vae.dtype == torch.float16
+
+
+@pytest.mark.cuda
+def test_cuda_fp16_tiny_vae(paths, taesd):
+    engine = Engine.from_pretrained(paths["sd-turbo"], device="cuda", dtype="fp16", vae=taesd[1])
+    ref = Engine.from_pretrained(paths["sd-turbo"], device="cpu", vae=taesd[1])
+    kw = dict(prompt=PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=_latents(3), output_type="np")
+    a = engine.generate(**{**kw, "latents": kw["latents"].cuda()}).images
+    b = ref.generate(**kw).images
+    assert engine.vae_dtype == torch.float16 and np.isfinite(a).all()
+    assert np.abs(a - b).max() < 2e-2
