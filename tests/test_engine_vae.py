@@ -363,3 +363,18 @@ def test_cuda_fp16_tiny_vae(paths, taesd):
     b = ref.generate(**kw).images
     assert engine.vae_dtype == torch.float16 and np.isfinite(a).all()
     assert np.abs(a - b).max() < 2e-2
+
+
+def test_cuda_graph_discipline_with_tiny_vae_img2img(paths, taesd, init_image):
+    # The tiny encoder returns (latents, None): the graph wrapper keeps the None (CPU stand-in of the capture).
+    from ldm_engine.pipeline.cuda_graphs import RerunGraphs
+
+    eager = Engine.from_pretrained(paths["sd-turbo"], vae=taesd[1])
+    engine = Engine.from_pretrained(paths["sd-turbo"], vae=taesd[1])
+    graphs = RerunGraphs()
+    engine._install_graphs(graphs, 8)
+    for seed in (3, 4):
+        kw = dict(image=init_image, strength=0.5, num_inference_steps=2, seed=seed, output_type="np")
+        np.testing.assert_allclose(engine.generate(PROMPT, **kw).images, eager.generate(PROMPT, **kw).images,
+                                   rtol=0, atol=1e-6)
+    assert graphs.captures == 4  # text encoder, tiny VAE encoder, U-Net, tiny VAE decoder
