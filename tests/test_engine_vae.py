@@ -194,10 +194,13 @@ def test_original_taesd_full_architecture_and_combined_file(tmp_path, taesd_full
         from safetensors.torch import load_file
         combined.update({f"{side}.{k}": v for k, v in load_file(str(folder / f"taesd_{side}.safetensors")).items()})
     save_file(combined, str(tmp_path / "taesd_combined.safetensors"))
+    save_file({f"vae.{k}": v.contiguous() for k, v in module.state_dict().items()},
+              str(tmp_path / "taesd_diffusers_names.safetensors"))  # one file, diffusers names, a prefix
     z = torch.randn(1, 4, 5, 3, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = module.decode(z).sample
-    for spec in (folder / "taesd_encoder.safetensors", tmp_path / "taesd_combined.safetensors"):
+    for spec in (folder / "taesd_encoder.safetensors", tmp_path / "taesd_combined.safetensors",
+                 tmp_path / "taesd_diffusers_names.safetensors"):
         with torch.no_grad():
             got = load_vae(spec).decode(z)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -222,6 +225,16 @@ def test_vae_path_that_is_not_a_vae(paths, tmp_path):
         load_vae(_write_pickle(tmp_path))
     with pytest.raises(InvalidInputError, match="not a VAE"):
         load_vae(torch.nn.Linear(2, 2))
+    from safetensors.torch import save_file
+
+    save_file({"encoder.down.0.block.0.conv1.weight": torch.randn(2, 2, 3, 3)}, str(tmp_path / "kl.safetensors"))
+    with pytest.raises(CheckpointError, match="carries no config"):
+        load_vae(tmp_path / "kl.safetensors")  # a single-file full VAE needs the pipeline's family
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_vae(tmp_path / "kl.safetensors", family="sd2")  # the family's real VAE config: one wrong tensor
+    save_file({"1.weight": torch.randn(8, 4, 3, 3)}, str(tmp_path / "taesd_decoder.safetensors"))
+    with pytest.raises(CheckpointError, match="taesd_encoder.safetensors"):
+        load_vae(tmp_path / "taesd_decoder.safetensors")  # half a pair
 
 
 def _write_pickle(tmp_path):
