@@ -8,7 +8,7 @@ The pipeline follows the diffusers reference pipelines step by step (conditionin
 preparation, classifier-free guidance, ControlNet residuals, VAE decoding), so the same weights
 and the same initial noise give the same image. Randomness: everything is drawn up front from a
 CPU ``torch.Generator`` seeded with ``seed``, in diffusers' order (VAE posterior sample for
-img2img, initial noise, then one draw per step for stochastic samplers), so with the same seed
+img2img -- none with a tiny VAE --, initial noise, then one draw per step for stochastic samplers), so with the same seed
 the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
 The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisation.
 """

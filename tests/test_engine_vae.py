@@ -391,3 +391,20 @@ def test_cuda_graph_discipline_with_tiny_vae_img2img(paths, taesd, init_image):
         np.testing.assert_allclose(engine.generate(PROMPT, **kw).images, eager.generate(PROMPT, **kw).images,
                                    rtol=0, atol=1e-6)
     assert graphs.captures == 4  # text encoder, tiny VAE encoder, U-Net, tiny VAE decoder
+
+
+def test_vae_repo_id_in_local_cache(taesd, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    import shutil
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--madebyollin--taesd"
+    shutil.copytree(taesd[1], repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    vae = load_vae("madebyollin/taesd")
+    z = torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z), taesd[0].decode(z).sample, rtol=1e-5, atol=1e-5)
