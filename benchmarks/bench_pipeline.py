@@ -30,6 +30,8 @@ largest pixel difference against the reference variant (diffusers eager) as a sa
     python benchmarks/bench_pipeline.py --model sd-turbo --device cuda --runs 10
     python benchmarks/bench_pipeline.py --model all --compile --json out.json --markdown out.md
     python benchmarks/bench_pipeline.py --tiny          # CPU smoke run, seconds
+    python benchmarks/bench_pipeline.py --model sd-turbo --images-per-prompt 8 \
+        --variants "ldm_engine[torch],ldm_engine[torch]+tiny_vae,ldm_engine[cuda]+tiny_vae+graphs"  # tiny-VAE targets
     python -m pytest benchmarks/bench_pipeline.py      # pytest-benchmark: tiny on CPU, full size on CUDA
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import gzip
 import json
@@ -104,6 +107,7 @@ class ModelSpec:
     steps: int
     guidance: float
     full_size: bool = True   # needs CUDA in the default modes
+    images: int = 1          # images per call (num_images_per_prompt; --images-per-prompt)
 
     @property
     def sdxl(self) -> bool:
@@ -499,6 +503,7 @@ class EngineRunner(Runner):
         with _env("LDM_ENGINE_BACKEND", self.ops_backend):
             res = self.engine.generate(PROMPT, negative_prompt=NEGATIVE_PROMPT if s.cfg else None,
                                        height=s.height, width=s.width, num_inference_steps=s.steps,
+                                       num_images_per_prompt=s.images,
                                        guidance_scale=s.guidance, seed=self.seed, output_type=self.output_type)
         t = res.timings
         return res.images, {"text_encoder": t["text_encoder"], "unet": list(t["unet"]),
@@ -541,6 +546,7 @@ class DiffusersRunner(Runner):
             warnings.simplefilter("ignore")  # per-call deprecation notes (upcast_vae) would flood the log
             out = self.pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT if s.cfg else None, height=s.height,
                             width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                            num_images_per_prompt=s.images,
                             generator=torch.Generator("cpu").manual_seed(self.seed), output_type=self.output_type)
         return out.images, {}
 
@@ -602,7 +608,7 @@ def summarize(spec: ModelSpec, runner: Runner, *, runs: int, flops: dict, batch:
     n_prompts = 2 if spec.cfg else 1  # CFG encodes the negative prompt too
     f_te = n_prompts * sum(flops["text_encoders"])
     f_unet = flops["unet"] * batch    # one U-Net call runs both CFG halves
-    f_vae = flops["vae_decode"]
+    f_vae = flops["vae_decode"] * spec.images
     f_total = f_te + unet_calls * f_unet + f_vae
 
     def tflops(f, ms):
@@ -613,7 +619,7 @@ def summarize(spec: ModelSpec, runner: Runner, *, runs: int, flops: dict, batch:
         "stages_ms": st,
         "unet_calls": unet_calls,
         "unet_batch": batch,
-        "images_per_s": 1000.0 / med["total"] if med["total"] else None,
+        "images_per_s": 1000.0 * spec.images / med["total"] if med["total"] else None,
         "flops": {"text_encoder": f_te, "unet_call": f_unet, "vae_decode": f_vae, "total": f_total,
                   "source": flops["source"]},
         "tflops": {"text_encoder": tflops(f_te, med["text_encoder"]), "unet": tflops(f_unet, med["unet_per_call"]),
@@ -689,6 +695,7 @@ class ModelBench:
         """One row: status, per-stage medians, memory, FLOP/s; the last images stay in self.images."""
         s = self.spec
         row = {"model": s.name, "variant": variant, "height": s.height, "width": s.width, "steps": s.steps,
+               "images_per_call": s.images,
                "guidance": s.guidance, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
                "runs": runs, "warmup": warmup}
         why = self.problem(variant)
@@ -712,7 +719,7 @@ class ModelBench:
                        weights_gib=_gib(runner.weights_bytes) if self.device.type == "cuda" else None,
                        peak_gib=_gib(peak) if peak is not None else None,
                        finite=bool(torch.isfinite(images).all()),
-                       **summarize(s, runner, runs=runs, flops=self.flops_for(variant), batch=2 if s.cfg else 1))
+                       **summarize(s, runner, runs=runs, flops=self.flops_for(variant), batch=(2 if s.cfg else 1) * s.images))
             self.images[variant] = images
             if self.images_dir is not None:
                 torch.save(images, self._image_file(variant))
@@ -859,6 +866,8 @@ def _parse(argv=None):
                    help="comma list: run the +compile variants only for these models (default: all with --compile)")
     p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS_DIR, help="where random-weight folders live")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-prompt", type=int, default=1, metavar="N",
+                   help="images per generate() call (one batch); img/s counts images (e.g. 8: SD-Turbo batch 8)")
     p.add_argument("--output-type", default="pt", choices=("pt", "np", "pil"))
     p.add_argument("--json", type=Path, help="write all rows + environment + ceilings here")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
@@ -910,6 +919,7 @@ def _child_argv(args, model: str, variants: list[str], child_json: Path, images_
     return [sys.executable, str(Path(__file__).resolve()), "--model", model, "--device", args.device,
             "--runs", str(args.runs), "--warmup", str(args.warmup), "--variants", ",".join(variants),
             "--compile-mode", args.compile_mode, "--weights-dir", str(args.weights_dir), "--seed", str(args.seed),
+            "--images-per-prompt", str(args.images_per_prompt),
             "--output-type", args.output_type, "--isolate", "no", "--no-ceilings", "--child-json", str(child_json),
             "--images-dir", str(images_dir)]
 
@@ -947,7 +957,7 @@ def main(argv=None) -> int:
             return 0
 
     def bench(model: str, on_row=None) -> list[dict]:
-        return ModelBench(MODELS[model], device, weights_dir=args.weights_dir, seed=args.seed,
+        return ModelBench(dataclasses.replace(MODELS[model], images=args.images_per_prompt), device, weights_dir=args.weights_dir, seed=args.seed,
                           output_type=args.output_type, compile_mode=args.compile_mode, images_dir=args.images_dir,
                           log=_log).run(_variants_for(args, model), runs=args.runs, warmup=args.warmup, on_row=on_row)
 
@@ -1052,7 +1062,7 @@ if pytest is not None:
         try:
             benchmark.pedantic(runner, rounds=opts["runs"], warmup_rounds=opts["warmup"], iterations=1)
             s = summarize(bench.spec, runner, runs=opts["runs"], flops=bench.flops_for(variant),
-                          batch=2 if bench.spec.cfg else 1)
+                          batch=(2 if bench.spec.cfg else 1) * bench.spec.images)
             benchmark.extra_info.update({
                 "median_ms": {k: v["median"] for k, v in s["stages_ms"].items()},
                 "unet_calls": s["unet_calls"], "tflops": s["tflops"], "vae_dtype": runner.vae_dtype,
