@@ -128,10 +128,13 @@ def _from_file(path: Path, device, dtype, family, allow_pickle) -> nn.Module:
         prefix = next((p for p in keys.VAE_PREFIXES if any(k.startswith(p) for k in names)), "")
         inner = [k[len(prefix):] for k in names if k.startswith(prefix)]
         if any(k.startswith("encoder.layers.") for k in inner):  # diffusers AutoencoderTiny names
-            from ldm_engine.models.vae_tiny import TAESD_CONFIG
-
-            config = dict(TAESD_CONFIG.to_dict(), _class_name="AutoencoderTiny",
-                          latent_channels=reader.shape(f"{prefix}decoder.layers.0.weight")[1])
+            shapes = {side: {} for side in _TAESD_SIDES}  # in the original numbering, for taesd_config
+            for k in inner:
+                side, _, rest = k.partition(".layers.")
+                index, _, tail = rest.partition(".")
+                if side in shapes and index.isdigit():
+                    shapes[side][f"{int(index) + keys.TAESD_LAYER_OFFSET[side]}.{tail}"] = reader.shape(prefix + k)
+            config = taesd_config(shapes["encoder"], shapes["decoder"], str(path))
             mapper = keys.diffusers_vae_key
         elif any(k.startswith(("encoder.down.", "encoder.down_blocks.")) for k in inner):
             config = _family_vae_config(path, family)
