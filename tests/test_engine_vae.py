@@ -297,6 +297,7 @@ def test_callback_returning_false_stops_early(previewing):
 
 def test_preview_without_preview_vae_and_raising_callback(paths):
     engine = Engine.from_pretrained(paths["sd-turbo"])
+    before = engine.generate(PROMPT, num_inference_steps=2, seed=0, output_type="np").images
     with pytest.raises(InvalidInputError, match="preview_vae"):
         engine.generate(PROMPT, num_inference_steps=2, seed=0, callback=lambda s: s.preview())
 
@@ -308,9 +309,7 @@ def test_preview_without_preview_vae_and_raising_callback(paths):
     with pytest.raises(TypeError, match="callback must be callable"):
         engine.generate(PROMPT, callback="print")
     after = engine.generate(PROMPT, num_inference_steps=2, seed=0, output_type="np").images
-    plain = Engine.from_pretrained(paths["sd-turbo"]).generate(PROMPT, num_inference_steps=2, seed=0,
-                                                                output_type="np").images
-    np.testing.assert_array_equal(after, plain)
+    np.testing.assert_array_equal(after, before)
 
 
 def test_no_callback_no_hook(monkeypatch, previewing):
@@ -351,6 +350,8 @@ def test_export_tiny_vae_and_run_onnxruntime(paths, taesd, tmp_path, init_image)
     manifest = export_model(str(paths["sd-turbo"]), out, opts, log=lambda *a: None)
     enc = manifest["networks"]["vae_encoder"]
     assert [o["name"] for o in enc["contract"]["outputs"]] == ["latent"]
+    for net in ("vae_encoder", "vae_decoder"):  # ONNX Runtime (CPU) against the torch module
+        assert manifest["networks"][net]["verify"]["max_rel_err"] <= 1e-4
     e_torch = Engine.from_pretrained(paths["sd-turbo"], vae=taesd[1])
     e_ort = Engine.from_pretrained(paths["sd-turbo"], backend="onnxruntime", engine_dir=out)
     assert not e_ort.components.vae.latent_distribution
