@@ -412,3 +412,12 @@ def test_vae_repo_id_in_local_cache(taesd, tmp_path, monkeypatch):
     z = torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(z), taesd[0].decode(z).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_second_full_vae(paths, root):
+    torch.manual_seed(98)
+    vae = _vae(0.13025, force_upcast=True)  # SDXL-style config, other weights than the pipeline's
+    vae.save_pretrained(root / "vae-xl")
+    pipe = _pipe(diffusers.StableDiffusionXLPipeline, paths["sdxl-turbo"], vae=vae)
+    engine = Engine.from_pretrained(paths["sdxl-turbo"], vae=root / "vae-xl")
+    _compare(pipe, engine, seed=9, prompt=PROMPT, num_inference_steps=2, guidance_scale=0.0)
