@@ -18,6 +18,9 @@ Variants, side by side on one device:
     ldm_engine[torch]+compile       Engine.compile(): torch.compile (fullgraph) on U-Net, ControlNets, VAE decoder (--compile)
     ldm_engine[torch|cuda]+graphs   Engine.enable_cuda_graphs(): every network call replayed from a CUDA graph (no compile)
     ...+channels_last[+graphs]      Engine.use_channels_last(): NHWC convolution weights and activations
+    ldm_engine[torch|cuda]+tiny_vae[+graphs]  the VAE swapped for a random-weight tiny one (TAESD / TAESDXL
+                                    architecture, ldm_engine.models.vae_tiny): full vs tiny decoder; its images
+                                    differ from the reference's by design (another VAE)
 
 Per variant: per-stage latency (text encoder incl. tokenisation, U-Net per call, VAE decode; CUDA events),
 end-to-end latency (host clock between two device synchronisations), medians of --runs after --warmup,
@@ -27,6 +30,8 @@ largest pixel difference against the reference variant (diffusers eager) as a sa
     python benchmarks/bench_pipeline.py --model sd-turbo --device cuda --runs 10
     python benchmarks/bench_pipeline.py --model all --compile --json out.json --markdown out.md
     python benchmarks/bench_pipeline.py --tiny          # CPU smoke run, seconds
+    python benchmarks/bench_pipeline.py --model sd-turbo --images-per-prompt 8 \
+        --variants "ldm_engine[torch],ldm_engine[torch]+tiny_vae,ldm_engine[cuda]+tiny_vae+graphs"  # tiny-VAE targets
     python -m pytest benchmarks/bench_pipeline.py      # pytest-benchmark: tiny on CPU, full size on CUDA
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import gzip
 import json
@@ -74,13 +80,15 @@ ENGINE_VARIANTS = tuple(f"ldm_engine[{b}]" for b in OPS_BACKENDS)
 OPTION_VARIANTS = ("ldm_engine[torch]+graphs", "ldm_engine[cuda]+graphs",
                   "ldm_engine[torch]+channels_last", "ldm_engine[cuda]+channels_last",
                   "ldm_engine[torch]+channels_last+graphs", "ldm_engine[cuda]+channels_last+graphs")
+TINY_VAE_VARIANTS = ("ldm_engine[torch]+tiny_vae", "ldm_engine[cuda]+tiny_vae",
+                     "ldm_engine[torch]+tiny_vae+graphs", "ldm_engine[cuda]+tiny_vae+graphs")
 COMPILED_VARIANTS = ("ldm_engine[torch]+compile", "diffusers+compile")
-ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + OPTION_VARIANTS + COMPILED_VARIANTS
+ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + OPTION_VARIANTS + TINY_VAE_VARIANTS + COMPILED_VARIANTS
 # Run order inside one model: the new GPU kernels (which could poison the CUDA context) after the two
 # baselines; the compiled variants last, since compilation is slow and may run out of the time budget
 # (and Engine.compile() changes the shared engine in place).
 RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *OPTION_VARIANTS,
-             *COMPILED_VARIANTS)
+             *TINY_VAE_VARIANTS, *COMPILED_VARIANTS)
 REFERENCE_VARIANT = "diffusers"
 
 
@@ -99,6 +107,7 @@ class ModelSpec:
     steps: int
     guidance: float
     full_size: bool = True   # needs CUDA in the default modes
+    images: int = 1          # images per call (num_images_per_prompt; --images-per-prompt)
 
     @property
     def sdxl(self) -> bool:
@@ -319,6 +328,51 @@ def count_flops(spec: ModelSpec, configs: dict | None = None, *, height: int, wi
     return {"unet": unet_flops, "vae_decode": vae_flops, "text_encoders": te, "source": "FlopCounterMode (meta)"}
 
 
+def tiny_vae_config(levels: int):
+    """The TAESD / TAESDXL architecture (ldm_engine.models.vae_tiny) with ``levels`` levels (4: TAESD itself;
+    the toy model's VAE has 3)."""
+    from ldm_engine.models.vae_tiny import TinyVAEConfig
+
+    return TinyVAEConfig(encoder_block_out_channels=(64,) * levels, decoder_block_out_channels=(64,) * levels,
+                         num_encoder_blocks=(1,) + (3,) * (levels - 1), num_decoder_blocks=(3,) * (levels - 1) + (1,))
+
+
+def count_tiny_vae_flops(levels: int, *, height: int, width: int) -> dict:
+    """FLOPs of one batch-1 tiny-VAE decode / encode at height x width, counted with FlopCounterMode on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm_engine.models.vae_tiny import AutoencoderTiny
+
+    f = 2 ** (levels - 1)
+    with torch.device("meta"):
+        vae = AutoencoderTiny(tiny_vae_config(levels))
+        with FlopCounterMode(display=False) as fc:
+            vae.decode(torch.randn(1, 4, height // f, width // f))
+        decode = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            vae.encode(torch.randn(1, 3, height, width))
+    return {"vae_decode": decode, "vae_encode": fc.get_total_flops()}
+
+
+def swap_in_tiny_vae(engine, *, seed: int = 0):
+    """Replaces the engine's VAE with a random-weight tiny one of the same factor (default init from a
+    fixed seed); returns what restore_vae() needs."""
+    from ldm_engine.models.vae_tiny import AutoencoderTiny
+
+    levels = len(engine.components.vae.config.block_out_channels)
+    dtype = next(engine.components.unet.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tiny = AutoencoderTiny(tiny_vae_config(levels)).to(engine.device, dtype).eval().requires_grad_(False)
+    saved = engine.components.vae, engine.vae_dtype
+    engine.components.vae, engine.vae_dtype = tiny, dtype  # fp16 on CUDA: no fp32 rule for the tiny VAE
+    return saved
+
+
+def restore_vae(engine, saved) -> None:
+    engine.components.vae, engine.vae_dtype = saved
+
+
 # ============================================================================ runners
 
 class _StageRecorder:
@@ -439,12 +493,17 @@ class EngineRunner(Runner):
             self.engine.disable_cuda_graphs()
         if "+channels_last" in self.variant:
             self.engine.use_channels_last(False)
+        if getattr(self, "saved_vae", None) is not None:
+            restore_vae(self.engine, self.saved_vae)
+            self.saved_vae = None
+            self.vae_dtype = str(self.engine.vae_dtype).replace("torch.", "")
 
     def _generate(self):
         s = self.spec
         with _env("LDM_ENGINE_BACKEND", self.ops_backend):
             res = self.engine.generate(PROMPT, negative_prompt=NEGATIVE_PROMPT if s.cfg else None,
                                        height=s.height, width=s.width, num_inference_steps=s.steps,
+                                       num_images_per_prompt=s.images,
                                        guidance_scale=s.guidance, seed=self.seed, output_type=self.output_type)
         t = res.timings
         return res.images, {"text_encoder": t["text_encoder"], "unet": list(t["unet"]),
@@ -487,6 +546,7 @@ class DiffusersRunner(Runner):
             warnings.simplefilter("ignore")  # per-call deprecation notes (upcast_vae) would flood the log
             out = self.pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT if s.cfg else None, height=s.height,
                             width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                            num_images_per_prompt=s.images,
                             generator=torch.Generator("cpu").manual_seed(self.seed), output_type=self.output_type)
         return out.images, {}
 
@@ -548,7 +608,7 @@ def summarize(spec: ModelSpec, runner: Runner, *, runs: int, flops: dict, batch:
     n_prompts = 2 if spec.cfg else 1  # CFG encodes the negative prompt too
     f_te = n_prompts * sum(flops["text_encoders"])
     f_unet = flops["unet"] * batch    # one U-Net call runs both CFG halves
-    f_vae = flops["vae_decode"]
+    f_vae = flops["vae_decode"] * spec.images
     f_total = f_te + unet_calls * f_unet + f_vae
 
     def tflops(f, ms):
@@ -559,7 +619,7 @@ def summarize(spec: ModelSpec, runner: Runner, *, runs: int, flops: dict, batch:
         "stages_ms": st,
         "unet_calls": unet_calls,
         "unet_batch": batch,
-        "images_per_s": 1000.0 / med["total"] if med["total"] else None,
+        "images_per_s": 1000.0 * spec.images / med["total"] if med["total"] else None,
         "flops": {"text_encoder": f_te, "unet_call": f_unet, "vae_decode": f_vae, "total": f_total,
                   "source": flops["source"]},
         "tflops": {"text_encoder": tflops(f_te, med["text_encoder"]), "unet": tflops(f_unet, med["unet_per_call"]),
@@ -615,9 +675,11 @@ class ModelBench:
                 self.engine.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
             if "+channels_last" in variant:
                 self.engine.use_channels_last()
+            saved_vae = swap_in_tiny_vae(self.engine, seed=self.seed) if "+tiny_vae" in variant else None
             if variant.endswith("+graphs"):
                 self.engine.enable_cuda_graphs()   # captured on the first call (the warm-up)
             r = EngineRunner(self.spec, self.device, self.engine, _ops_backend_of(variant), **kw)
+            r.saved_vae = saved_vae
             r.variant = variant
             r.load_s = self.engine_load_s
             r.weights_bytes = self.engine_weights
@@ -633,6 +695,7 @@ class ModelBench:
         """One row: status, per-stage medians, memory, FLOP/s; the last images stay in self.images."""
         s = self.spec
         row = {"model": s.name, "variant": variant, "height": s.height, "width": s.width, "steps": s.steps,
+               "images_per_call": s.images,
                "guidance": s.guidance, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
                "runs": runs, "warmup": warmup}
         why = self.problem(variant)
@@ -656,7 +719,7 @@ class ModelBench:
                        weights_gib=_gib(runner.weights_bytes) if self.device.type == "cuda" else None,
                        peak_gib=_gib(peak) if peak is not None else None,
                        finite=bool(torch.isfinite(images).all()),
-                       **summarize(s, runner, runs=runs, flops=self.flops, batch=2 if s.cfg else 1))
+                       **summarize(s, runner, runs=runs, flops=self.flops_for(variant), batch=(2 if s.cfg else 1) * s.images))
             self.images[variant] = images
             if self.images_dir is not None:
                 torch.save(images, self._image_file(variant))
@@ -672,6 +735,14 @@ class ModelBench:
                 del runner
                 self._free()
         return row
+
+    def flops_for(self, variant: str) -> dict:
+        """The model's FLOP counts; for +tiny_vae variants the tiny decoder's (counted on meta)."""
+        if "+tiny_vae" not in variant:
+            return self.flops
+        levels = len(_component_json(CONFIG_ROOT / self.spec.config_dir, "vae")["block_out_channels"])
+        tiny = count_tiny_vae_flops(levels, height=self.spec.height, width=self.spec.width)
+        return {**self.flops, "vae_decode": tiny["vae_decode"], "source": self.flops["source"] + " + FlopCounterMode (tiny VAE)"}
 
     def _image_file(self, variant: str) -> Path:
         return self.images_dir / f"images-{self.spec.name}-{variant.replace('[', '_').replace(']', '')}.pt"
@@ -795,6 +866,8 @@ def _parse(argv=None):
                    help="comma list: run the +compile variants only for these models (default: all with --compile)")
     p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS_DIR, help="where random-weight folders live")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-prompt", type=int, default=1, metavar="N",
+                   help="images per generate() call (one batch); img/s counts images (e.g. 8: SD-Turbo batch 8)")
     p.add_argument("--output-type", default="pt", choices=("pt", "np", "pil"))
     p.add_argument("--json", type=Path, help="write all rows + environment + ceilings here")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
@@ -846,6 +919,7 @@ def _child_argv(args, model: str, variants: list[str], child_json: Path, images_
     return [sys.executable, str(Path(__file__).resolve()), "--model", model, "--device", args.device,
             "--runs", str(args.runs), "--warmup", str(args.warmup), "--variants", ",".join(variants),
             "--compile-mode", args.compile_mode, "--weights-dir", str(args.weights_dir), "--seed", str(args.seed),
+            "--images-per-prompt", str(args.images_per_prompt),
             "--output-type", args.output_type, "--isolate", "no", "--no-ceilings", "--child-json", str(child_json),
             "--images-dir", str(images_dir)]
 
@@ -883,7 +957,7 @@ def main(argv=None) -> int:
             return 0
 
     def bench(model: str, on_row=None) -> list[dict]:
-        return ModelBench(MODELS[model], device, weights_dir=args.weights_dir, seed=args.seed,
+        return ModelBench(dataclasses.replace(MODELS[model], images=args.images_per_prompt), device, weights_dir=args.weights_dir, seed=args.seed,
                           output_type=args.output_type, compile_mode=args.compile_mode, images_dir=args.images_dir,
                           log=_log).run(_variants_for(args, model), runs=args.runs, warmup=args.warmup, on_row=on_row)
 
@@ -987,8 +1061,8 @@ if pytest is not None:
         runner, base = bench.runner(variant)
         try:
             benchmark.pedantic(runner, rounds=opts["runs"], warmup_rounds=opts["warmup"], iterations=1)
-            s = summarize(bench.spec, runner, runs=opts["runs"], flops=bench.flops,
-                          batch=2 if bench.spec.cfg else 1)
+            s = summarize(bench.spec, runner, runs=opts["runs"], flops=bench.flops_for(variant),
+                          batch=(2 if bench.spec.cfg else 1) * bench.spec.images)
             benchmark.extra_info.update({
                 "median_ms": {k: v["median"] for k, v in s["stages_ms"].items()},
                 "unet_calls": s["unet_calls"], "tflops": s["tflops"], "vae_dtype": runner.vae_dtype,
@@ -1002,7 +1076,7 @@ if pytest is not None:
         finally:
             runner.close()
 
-    @pytest.mark.parametrize("variant", ["diffusers", "ldm_engine[torch]"])
+    @pytest.mark.parametrize("variant", ["diffusers", "ldm_engine[torch]", "ldm_engine[torch]+tiny_vae"])
     def test_tiny_pipeline_cpu(benchmark, variant, bench_options):
         """CPU smoke benchmark at toy size: runs anywhere, in seconds."""
         _run_benchmark(benchmark, _bench_for("tiny", torch.device("cpu"), bench_options), variant, bench_options)

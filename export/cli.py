@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --format tensorrt. A VAE whose config says force_upcast (SDXL) stays fp32 under fp16")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
                    help="a ControlNet (folder, file or cached Hub id) to export with the model; repeat for several")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a VAE exported instead of the model's (folder, file or cached Hub id; e.g. TAESD / TAESDXL, "
+                        "as Engine.from_pretrained(vae=...)); the exported vae_decoder / vae_encoder are then its")
     p.add_argument("--device", default="cpu",
                    help="where the model runs while exporting: cpu or cuda (cuda:N). Default: cpu")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer. Default: 17")
@@ -112,7 +115,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
                          width=args.width, dtype=args.dtype, controlnets=tuple(args.controlnet), device=args.device,
                          opset=args.opset, overwrite=args.overwrite, typing=args.typing,
                          workspace_gib=args.workspace, timing_cache=args.timing_cache, verify=args.verify,
-                         progress=not args.quiet)
+                         progress=not args.quiet, vae=args.vae)
 
 
 def main(argv=None) -> int:

@@ -299,6 +299,11 @@ def _cfg(config, name, default=None):
     return getattr(config, name, default) if not isinstance(config, dict) else config.get(name, default)
 
 
+def is_tiny_vae(vae_config) -> bool:
+    """AutoencoderTiny (TAESD): its encoder gives the latents themselves, no mean / logvar."""
+    return _cfg(vae_config, "encoder_block_out_channels") is not None
+
+
 def vae_scale_factor(vae_config) -> int:
     return 2 ** (len(_cfg(vae_config, "block_out_channels")) - 1)
 
@@ -411,9 +416,10 @@ def vae_encoder_contract(config, *, dtype="fp32") -> Contract:
     d = dtype_name(dtype)
     f = vae_scale_factor(config)
     lat, c_in = int(_cfg(config, "latent_channels")), int(_cfg(config, "in_channels", 3))
+    outputs = ((TensorSpec("latent", (B, lat, H, W), d),) if is_tiny_vae(config)  # TAESD: no distribution
+               else (TensorSpec("mean", (B, lat, H, W), d), TensorSpec("logvar", (B, lat, H, W), d)))
     return Contract(network="vae_encoder", kind="vae_encoder", dtype=d, vae_scale_factor=f,
-                    inputs=(TensorSpec("image", (B, c_in, Dim("H", mul=f), Dim("W", mul=f)), d),),
-                    outputs=(TensorSpec("mean", (B, lat, H, W), d), TensorSpec("logvar", (B, lat, H, W), d)))
+                    inputs=(TensorSpec("image", (B, c_in, Dim("H", mul=f), Dim("W", mul=f)), d),), outputs=outputs)
 
 
 def required_multiple(unet_config, vae_config) -> int:

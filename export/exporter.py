@@ -49,6 +49,7 @@ class ExportOptions:
     workspace_gib: float | None = None
     timing_cache: str | None = None                # default: OUT/timing.cache
     verify: bool = False                           # run each ONNX file in ONNX Runtime against torch
+    vae: str | None = None                         # a VAE replacing the model's (e.g. TAESD), as Engine's vae=
     progress: bool = True
 
 
@@ -178,7 +179,8 @@ def _plan_jobs(comps, controlnets, o: ExportOptions) -> list[_Job]:
                          "VAE decoder: unscaled latents -> image in [-1, 1]"))
     if "vae_encoder" in wanted:
         jobs.append(_Job("vae_encoder", comps.vae, C.vae_encoder_contract(comps.vae.config, dtype=vae_dtype),
-                         "VAE encoder: image -> unscaled latent mean, logvar"))
+                         "VAE encoder: image -> unscaled latents" if C.is_tiny_vae(comps.vae.config)
+                         else "VAE encoder: image -> unscaled latent mean, logvar"))
     return jobs
 
 
@@ -229,6 +231,12 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
     # (force_upcast) gets the checkpoint's full-precision weights
     with Progress("loading the model", enabled=o.progress):
         comps = load_pipeline(str(source), device=o.device, dtype=torch.float32)
+        if o.vae is not None:
+            from ldm_engine.loading import load_vae
+            from ldm_engine.pipeline.latents import check_vae_latent_channels
+
+            comps.vae = load_vae(o.vae, device=o.device, dtype=torch.float32, family=comps.family)
+            check_vae_latent_channels(comps.unet.config, comps.vae)
         controlnets = [load_controlnet(p, device=o.device, dtype=torch.float32) for p in o.controlnets]
     profile = make_profile(comps, o)
     _check_model_against_options(comps, controlnets, o, profile)

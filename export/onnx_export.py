@@ -103,7 +103,7 @@ class ExportAdapter(nn.Module):
             return (m.decode(x["latent"]),)
         if kind == "vae_encoder":
             mean, logvar = m.encode(x["image"])
-            return mean, logvar
+            return (mean,) if logvar is None else (mean, logvar)  # a tiny VAE: (latents, None)
         if kind in ("unet", "unet_controlnet"):
             res = {}
             if kind == "unet_controlnet":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .contracts import Contract, ContractError, ShapeProfile
+from .contracts import Contract, ContractError, ShapeProfile, is_tiny_vae
 from .manifest import ExportDirError, read_manifest, verify_files
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -265,12 +265,14 @@ class ExportedControlNet(_Wrapper):
 
 
 class ExportedVAE(_Wrapper):
-    """``encode(x) -> (mean, logvar)``, ``decode(z) -> image``; either may be absent (not exported)."""
+    """``encode(x) -> (mean, logvar)`` (a tiny VAE: ``(latents, None)``), ``decode(z) -> image``; either
+    may be absent (not exported)."""
 
     def __init__(self, config, decoder: _Session | None, encoder: _Session | None, engine_dir: Path):
         any_session = decoder or encoder
         super().__init__(config, any_session.contract.inputs[0].torch_dtype, any_session.device)
         self.decoder, self.encoder, self.engine_dir = decoder, encoder, engine_dir
+        self.latent_distribution = not is_tiny_vae(config)  # see ldm_engine.pipeline.latents
 
     @property
     def downscale(self) -> int:
@@ -280,6 +282,8 @@ class ExportedVAE(_Wrapper):
         if self.encoder is None:
             return _Missing("vae_encoder", self.engine_dir)()
         out = self.encoder({"image": x})
+        if "latent" in out:
+            return out["latent"], None
         return out["mean"], out["logvar"]
 
     def decode(self, z):
@@ -302,6 +306,8 @@ def load_config(engine_dir: Path, kind: str, name: str):
     data = _read_json(engine_dir / "configs" / f"{name}.json")
     if kind == "unet":
         from ldm_engine.models.unet import UNetConfig as cls
+    elif kind == "vae" and "encoder_block_out_channels" in data:
+        from ldm_engine.models.vae_tiny import TinyVAEConfig as cls
     elif kind == "vae":
         from ldm_engine.models.vae import VAEConfig as cls
     elif kind == "text_encoder":

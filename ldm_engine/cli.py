@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNet conditioning scale (one, or one per --controlnet; default 1.0)")
     g.add_argument("--scheduler", default=None, help="sampler: euler, euler_a, ddim, ddpm, dpmpp_2m, "
                                                      "dpmpp_2m_karras, lcm, pndm (default: the model's own)")
+    g.add_argument("--vae", default=None, metavar="PATH",
+                   help="a VAE replacing the model's: folder / repo id (AutoencoderKL or AutoencoderTiny, e.g. "
+                        "madebyollin/taesd) or the original taesd_encoder/decoder .safetensors")
+    g.add_argument("--preview-vae", default=None, metavar="PATH", help="VAE decoding the --preview-dir images "
+                                                                      "(default: the model's VAE, or --vae)")
+    g.add_argument("--preview-dir", type=Path, default=None, metavar="DIR",
+                   help="write a preview PNG after every step: DIR/step-000.png, ...")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     g.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
@@ -88,13 +95,29 @@ def _open_image(path: Path):
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+def _preview_writer(engine, folder: Path):
+    """A generate() callback writing each step's preview to folder/step-NNN[-i].png (through the
+    preview VAE, else the model's own VAE)."""
+    if engine.preview_vae is None:
+        engine.preview_vae = engine.components.vae
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(step):
+        images = step.preview()
+        for i, img in enumerate(images):
+            img.save(folder / (f"step-{step.index:03d}.png" if len(images) == 1 else f"step-{step.index:03d}-{i}.png"))
+
+    return write
+
+
 def _generate(args) -> int:
     from ldm_engine.engine import Engine
 
     demo = args.model is None
     if demo:
-        if args.controlnet or args.backend != "torch":
-            raise ValueError("--controlnet and --backend need --model: the demo model has no ControlNet or export")
+        if args.controlnet or args.backend != "torch" or args.vae or args.preview_vae:
+            raise ValueError("--controlnet, --backend, --vae and --preview-vae need --model: the demo model "
+                             "has no ControlNet, export or other VAE")
         from ldm_engine.pipeline.demo import build_tiny_engine
 
         engine = build_tiny_engine(device=args.device, dtype=args.dtype, scheduler=args.scheduler)
@@ -102,7 +125,7 @@ def _generate(args) -> int:
         controlnet = args.controlnet if len(args.controlnet) != 1 else args.controlnet[0]
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                         controlnet=controlnet or None, scheduler=args.scheduler,
-                                        engine_dir=args.engine_dir)
+                                        engine_dir=args.engine_dir, vae=args.vae, preview_vae=args.preview_vae)
     if len(args.control_image) != len(engine.controlnets):
         raise ValueError(f"give one --control-image per --controlnet ({len(engine.controlnets)}), "
                          f"got {len(args.control_image)}")
@@ -119,7 +142,8 @@ def _generate(args) -> int:
         image=_open_image(args.image) if args.image else None, strength=args.strength,
         control_image=(control[0] if len(control) == 1 else control) or None,
         controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
-        num_images_per_prompt=args.num_images, output_type="pil")
+        num_images_per_prompt=args.num_images, output_type="pil",
+        callback=_preview_writer(engine, args.preview_dir) if args.preview_dir else None)
 
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)

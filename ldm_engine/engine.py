@@ -8,7 +8,7 @@ The pipeline follows the diffusers reference pipelines step by step (conditionin
 preparation, classifier-free guidance, ControlNet residuals, VAE decoding), so the same weights
 and the same initial noise give the same image. Randomness: everything is drawn up front from a
 CPU ``torch.Generator`` seeded with ``seed``, in diffusers' order (VAE posterior sample for
-img2img, initial noise, then one draw per step for stochastic samplers), so with the same seed
+img2img -- none with a tiny VAE --, initial noise, then one draw per step for stochastic samplers), so with the same seed
 the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
 The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisation.
 """
@@ -25,10 +25,13 @@ from typing import Any, Sequence
 import torch
 
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
+from ldm_engine.pipeline import preview
 from ldm_engine.pipeline import validation as check
 from ldm_engine.pipeline.conditioning import encode_prompts
 from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
 from ldm_engine.pipeline.images import expand_batch, parse_image, postprocess
+from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior, encode_image
+from ldm_engine.pipeline.preview import check_callback
 from ldm_engine.pipeline.timing import StageTimer
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -56,6 +59,7 @@ class _Request:
     shape: tuple                # latent shape (batch, C, h, w)
     latents: torch.Tensor | None
     schedule: Any
+    callback: Any = None        # per-step callback (ldm_engine.pipeline.preview)
 
 
 @dataclass
@@ -108,7 +112,8 @@ class Engine:
     """Holds the loaded networks; ``generate()`` runs the whole pipeline. Build with from_pretrained()."""
 
     def __init__(self, components, controlnets: Sequence = (), *, device=None, dtype=None,
-                 scheduler: str | None = None, name: str | None = None, model_index: dict | None = None):
+                 scheduler: str | None = None, name: str | None = None, model_index: dict | None = None,
+                 preview_vae=None):
         self.components = components
         self.controlnets = list(controlnets)
         self.device = resolve_device(device)
@@ -126,6 +131,10 @@ class Engine:
         self.vae_dtype = _module_dtype(vae, self.dtype)
         self.unet_dtype = _module_dtype(components.unet, self.dtype)
         self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.preview_vae = preview_vae  # step.preview() in callbacks (ldm_engine.pipeline.preview)
+        check_vae_latent_channels(unet_cfg, vae, preview_vae)
+        if self.dtype == torch.float16 and preview_vae is not None and vae_needs_fp32(self.family, preview_vae.config):
+            preview_vae.to(torch.float32)
         self.latent_channels = unet_cfg.in_channels
         self.num_train_timesteps = int(components.scheduler_config.get("num_train_timesteps", 1000))
 
@@ -150,7 +159,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, backend: str = "torch",
                         controlnet=None, scheduler: str | None = None, engine_dir=None,
-                        variant: str | None = None, config=None, prediction_type: str | None = None) -> Engine:
+                        variant: str | None = None, config=None, prediction_type: str | None = None,
+                        vae=None, preview_vae=None) -> Engine:
         """Loads a pipeline: a diffusers folder, a Hugging Face cache snapshot (repo id), or a single-file checkpoint.
 
         controlnet: a path / repo id, a loaded ControlNetModel, or a list of them (multi-ControlNet).
@@ -158,23 +168,31 @@ class Engine:
         backend: "torch", or "onnxruntime" / "tensorrt" with ``engine_dir`` written by ldm_engine.export.
         config, prediction_type: for single-file checkpoints, which carry no config: a diffusers folder
         or repo id describing the architecture, and the prediction type ("epsilon" / "v_prediction").
+        vae: replaces the model's VAE: a path, a cached repo id or a loaded module, full (AutoencoderKL,
+        e.g. the fp16-fix SDXL VAE) or tiny (TAESD / TAESDXL: folder, or the original taesd_*.safetensors
+        pair); see ldm_engine.loading.vae. preview_vae: a (tiny) VAE for step.preview() in callbacks.
+        Either must have the U-Net's latent channels (else InvalidInputError).
         """
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _check_scheduler_name(scheduler)
         device = resolve_device(device)
         if backend == "torch":
-            from ldm_engine.loading import load_controlnet, load_pipeline
+            from ldm_engine.loading import load_controlnet, load_pipeline, load_vae
 
             dtype = resolve_dtype(dtype, device, prefer_bf16=_wants_upcast_attention(path_or_repo_id))
             comps = load_pipeline(path_or_repo_id, device=str(device), dtype=dtype, variant=variant,
                                   config=config, prediction_type=prediction_type)
+            comps.vae = comps.vae if vae is None else load_vae(vae, device=device, dtype=dtype, family=comps.family)
             specs = controlnet if isinstance(controlnet, (list, tuple)) else ([] if controlnet is None else [controlnet])
             nets = [c.to(device=device, dtype=dtype) if isinstance(c, torch.nn.Module)
                     else load_controlnet(c, device=str(device), dtype=dtype) for c in specs]
         else:
             if engine_dir is None:
                 raise InvalidInputError(f"backend={backend!r} needs engine_dir (a folder written by ldm_engine.export)")
+            if vae is not None:
+                raise InvalidInputError(f"vae= needs the torch backend; with backend={backend!r} export the "
+                                        "model with the VAE wanted (python -m ldm_engine.export ... --vae PATH)")
             try:
                 from ldm_engine.export.runtime import load_exported_components
             except ImportError as e:
@@ -189,7 +207,13 @@ class Engine:
                     raise InvalidInputError(f"controlnet names {len(wanted)} network(s) but {engine_dir} holds "
                                             f"{len(nets)} exported ControlNet(s); export them together with the model")
             dtype = resolve_dtype(dtype, device)
-        return cls(comps, nets, device=device, dtype=dtype, scheduler=scheduler, name=str(path_or_repo_id))
+        preview = None
+        if preview_vae is not None:
+            from ldm_engine.loading import load_vae
+
+            preview = load_vae(preview_vae, device=device, dtype=dtype, family=comps.family)
+        return cls(comps, nets, device=device, dtype=dtype, scheduler=scheduler, name=str(path_or_repo_id),
+                   preview_vae=preview)
 
     @property
     def scheduler(self) -> str:
@@ -296,7 +320,8 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt, *, negative_prompt=None, height=None, width=None, num_inference_steps=None,
                  guidance_scale=None, seed=None, latents=None, image=None, strength=None, control_image=None,
-                 controlnet_conditioning_scale=1.0, num_images_per_prompt=1, output_type="pil") -> GenerateResult:
+                 controlnet_conditioning_scale=1.0, num_images_per_prompt=1, output_type="pil",
+                 callback=None) -> GenerateResult:
         """Generates images; every argument is checked before any network runs (ValueError / TypeError).
 
         prompt: str or list of str (one batch). negative_prompt: str (for all) or one per prompt; used only
@@ -313,6 +338,8 @@ class Engine:
         num_images_per_prompt: images per prompt, in the same batch.
         output_type: "pil" (list), "np" (float32 (N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W) tensor),
             "latent" (the final latents, no VAE decode).
+        callback: called after every step with a Step (index, timestep, latents, preview()); returning
+            False stops early (the latents of that step are decoded as usual). See ldm_engine.pipeline.preview.
         Returns GenerateResult(images, timings in ms, seed). timings["unet"] (and ["controlnet"]) hold
         one entry per U-Net call (PNDM makes one call more than it has steps).
         """
@@ -320,6 +347,7 @@ class Engine:
         args = self._check_args(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                 seed, latents, image, strength, control_image, controlnet_conditioning_scale,
                                 num_images_per_prompt, output_type)
+        args.callback = check_callback(callback)
         with torch.inference_mode():
             return self._run(args, t_start)
 
@@ -403,7 +431,9 @@ class Engine:
         if a.init is not None:
             pixels = (a.init.to_tensor(a.height, a.width) * 2.0 - 1.0).to(dev, self.vae_dtype)
             f = self.vae_scale_factor
-            post_noise = randn((pixels.shape[0], vae_cfg.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f))
+            if draws_posterior(comps.vae):  # a tiny VAE's encoder draws nothing (as diffusers)
+                post_noise = randn((pixels.shape[0], vae_cfg.latent_channels, pixels.shape[2] // f,
+                                    pixels.shape[3] // f))
         noise = a.latents.float() if a.latents is not None else randn(shape)
         noises = None
         if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
@@ -424,9 +454,7 @@ class Engine:
 
         # 3. Initial latents: noise, or (img2img) the encoded image noised to the first timestep.
         if pixels is not None:
-            mean, logvar = comps.vae.encode(pixels)
-            std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
-            z = mean.float() + std * post_noise                  # latent_dist.sample(generator)
+            z = encode_image(comps.vae, pixels, post_noise)      # latent_dist.sample(generator)
             z = expand_batch((z - shift) * scale, n_prompts, n, "image")
             x = schedule.add_noise(z, noise)
         else:
@@ -437,9 +465,8 @@ class Engine:
         step_marks: list[tuple] = []
         model_fn = self._model_fn(comps.unet, nets, cond, controls, a.scales, a.guidance, a.do_cfg, timer,
                                   step_marks)
-        from ldm_engine.samplers import sample
-
-        x0 = sample(schedule, model_fn, x, noises)
+        hook = preview.callback_hook(a.callback, schedule, preview.vae_decoder(self.preview_vae))
+        x0 = preview.run_sampler(schedule, model_fn, x, noises, after_step=hook)
         m_loop = timer.mark()
 
         if a.output_type == "latent":

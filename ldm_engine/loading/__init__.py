@@ -23,8 +23,18 @@ from ldm_engine.loading.build import normalize_dtype_device
 from ldm_engine.loading.components import Components
 from ldm_engine.loading.hub import resolve_model_path
 
-__all__ = ["Components", "load_pipeline", "load_controlnet", "load_component", "resolve_model_path",
+__all__ = ["Components", "load_pipeline", "load_controlnet", "load_component", "load_vae", "resolve_model_path",
            "CheckpointError"]
+
+
+def load_vae(spec, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             family: str | None = None, allow_pickle: bool = False):
+    """A VAE on its own (AutoencoderKL or AutoencoderTiny / TAESD): a loaded module, a VAE or
+    pipeline folder, a cached repo id, the original taesd_encoder / taesd_decoder files, or one
+    .safetensors VAE (``family`` picks its default config). See ldm_engine.loading.vae."""
+    from ldm_engine.loading.vae import load_vae as load
+
+    return load(spec, device=device, dtype=dtype, family=family, allow_pickle=allow_pickle)
 
 
 def _only_weights_file(folder: Path) -> Path | None:

@@ -10,6 +10,8 @@ Styles:
 - ldm / sgm single files: U-Net ``input_blocks/middle_block/output_blocks`` indices, VAE
   ``encoder.down.i.block.j`` / reversed ``decoder.up.i``, 1x1-conv VAE attention, ControlNet
   ``input_hint_block`` / ``zero_convs`` / ``middle_block_out``.
+- original TAESD / TAESDXL files: one nn.Sequential per file (``taesd_encoder`` / ``taesd_decoder``),
+  the decoder's indices shifted by its leading Clamp.
 
 A mapper takes a source key (component prefix already removed) and its shape and returns a
 list of ``Target`` (usually one; three for a fused qkv), ``IGNORE`` for tensors that are known
@@ -302,6 +304,36 @@ def table_mapper(table: ModuleTable) -> KeyMapper:
         return None
 
     return mapper
+
+
+# ----------------------------------------------------------------------------------------------
+# The original TAESD / TAESDXL files (madebyollin/taesd): ``taesd_encoder.safetensors`` and
+# ``taesd_decoder.safetensors`` hold one nn.Sequential each, keys ``<index>.<rest>``; a combined
+# state dict of the original ``TAESD`` module prefixes them with ``encoder.`` / ``decoder.``.
+# diffusers' EncoderTiny keeps the encoder's indices; the original decoder's layer 0 is a Clamp
+# module (diffusers clamps in forward()), so its layer i is diffusers' decoder.layers.{i-1}.
+
+TAESD_LAYER_OFFSET = {"encoder": 0, "decoder": 1}
+
+
+def taesd_mapper(side: str) -> KeyMapper:
+    """Original TAESD ``<index>.<rest>`` keys of the ``side`` ("encoder" / "decoder") file ->
+    diffusers ``AutoencoderTiny`` keys."""
+    offset = TAESD_LAYER_OFFSET[side]
+
+    def mapper(key: str, shape: Sequence[int] = ()) -> list[Target] | None:
+        head, _, rest = key.partition(".")
+        if not head.isdigit() or not rest or int(head) < offset:
+            return None
+        return [Target(f"{side}.layers.{int(head) - offset}.{rest}")]
+
+    return mapper
+
+
+def is_taesd_layout(keys, prefix: str = "") -> bool:
+    """Keys of an original TAESD Sequential: every key (after ``prefix``) starts with an index."""
+    keys = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    return bool(keys) and all(k.split(".", 1)[0].isdigit() for k in keys)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ PAD_TOKENS = {"sd1": ("<|endoftext|>",), "sd2": ("!",), "sdxl": ("<|endoftext|>"
 class Components:
     family: str                  # "sd1" | "sd2" | "sdxl"
     unet: Any                    # ldm_engine.models.unet.UNet2DConditionModel
-    vae: Any                     # ldm_engine.models.vae.AutoencoderKL
+    vae: Any                     # ldm_engine.models.vae.AutoencoderKL (or vae_tiny.AutoencoderTiny)
     text_encoder: Any            # ldm_engine.models.clip.CLIPTextModel
     tokenizer: Any               # ldm_engine.tokenizer.CLIPTokenizer
     text_encoder_2: Any | None   # SDXL (with_projection=True)
@@ -81,6 +81,11 @@ def unet_factory(config: dict, source: str) -> Callable[[], nn.Module]:
 
 
 def vae_factory(config: dict, source: str) -> Callable[[], nn.Module]:
+    """AutoencoderKL, or AutoencoderTiny (TAESD) when the config's ``_class_name`` says so."""
+    if config.get("_class_name") == "AutoencoderTiny":
+        from ldm_engine.models.vae_tiny import AutoencoderTiny, TinyVAEConfig
+        tiny = _config(TinyVAEConfig, config, "tiny vae", source)
+        return lambda: AutoencoderTiny(tiny)
     from ldm_engine.models.vae import AutoencoderKL, VAEConfig
     cfg = _config(VAEConfig, config, "vae", source)
     return lambda: AutoencoderKL(cfg)

@@ -83,7 +83,8 @@ class RerunGraphs:
         def replay():
             self.replays += 1
             for dst, src in zip(out_leaves, pytree.tree_leaves(run())):
-                dst.copy_(src)
+                if dst is not None:
+                    dst.copy_(src)
 
         return out, replay
 
@@ -154,7 +155,7 @@ class GraphedCallable:
                 if isinstance(dst, torch.Tensor):
                     dst.copy_(src)
         entry.replay()
-        return pytree.tree_unflatten([o.clone() for o in entry.outputs], entry.out_spec)
+        return pytree.tree_unflatten([None if o is None else o.clone() for o in entry.outputs], entry.out_spec)
 
     def _capture(self, key, leaves, spec) -> _Entry:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -170,7 +171,7 @@ class GraphedCallable:
         self.graphs.warm_up(run, device)
         out, replay = self.graphs.capture(run, device)
         outputs, out_spec = pytree.tree_flatten(out)
-        if not all(isinstance(o, torch.Tensor) for o in outputs):
+        if not all(isinstance(o, torch.Tensor) or o is None for o in outputs):  # None: a tiny VAE's logvar
             raise TypeError("CUDA graphs: a graphed call must return tensors (or tuples / lists of them)")
         entry = _Entry(static, outputs, out_spec, replay)
         self._entries[key] = entry
