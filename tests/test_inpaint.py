@@ -329,3 +329,23 @@ def test_exported_inpainting_unet_runs_in_onnxruntime(root, tmp_path):
               num_inference_steps=3, guidance_scale=3.0, seed=4, output_type="np")
     a, b = e_torch.generate(**kw).images, e_ort.generate(**kw).images
     assert a.shape == (2, 32, 48, 3) and np.abs(a - b).max() <= TOL
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_inpaint(root, tmp_path, capsys):
+    from ldm_engine.cli import main
+
+    init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "out.png"
+    _image(30, (40, 40)).save(init)
+    _pil_mask(31, (40, 40)).convert("L").save(mask)
+    model = tiny_pipeline("sd15-inpaint", root)
+    argv = ["generate", "--model", str(model), "--prompt", "a dog", "--image", str(init), "--mask", str(mask),
+            "--strength", "0.9", "--steps", "3", "--seed", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert "vae_encode" in capsys.readouterr().out
+    want = Engine.from_pretrained(model).generate("a dog", image=Image.open(init), mask_image=Image.open(mask),
+                                                  strength=0.9, num_inference_steps=3, seed=2).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    assert main(["generate", "--model", str(model), "--prompt", "a dog", "--mask", str(mask),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "mask_image needs image=" in capsys.readouterr().err
