@@ -1,4 +1,5 @@
-"""Engine: text-to-image, img2img and ControlNet generation for SD1.x/2.x, SDXL and their Turbo variants.
+"""Engine: text-to-image, img2img, inpainting and ControlNet generation for SD1.x/2.x, SDXL and
+their Turbo variants.
 
     engine = Engine.from_pretrained("stabilityai/sd-turbo")
     result = engine.generate("a photo of a cat", seed=0)
@@ -8,8 +9,8 @@ The pipeline follows the diffusers reference pipelines step by step (conditionin
 preparation, classifier-free guidance, ControlNet residuals, VAE decoding), so the same weights
 and the same initial noise give the same image. Randomness: everything is drawn up front from a
 CPU ``torch.Generator`` seeded with ``seed``, in diffusers' order (VAE posterior sample for
-img2img, initial noise, then one draw per step for stochastic samplers), so with the same seed
-the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
+img2img, initial noise, the masked image's posterior for inpainting, then one draw per step for
+stochastic samplers), so with the same seed the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
 The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisation.
 """
 
@@ -398,7 +399,8 @@ class Engine:
                                   strength=strength if init is not None else None, device=self.device)
         return _Request(prompts=prompts, negatives=negatives, n=n, output_type=output_type,
                         seed=secrets.randbits(63) if seed is None else seed, guidance=guidance, do_cfg=do_cfg,
-                        init=init, mask=mask, strength=strength if init is not None else None, height=height, width=width, controls=controls, scales=scales, shape=shape,
+                        init=init, mask=mask, strength=strength if init is not None else None,
+                        height=height, width=width, controls=controls, scales=scales, shape=shape,
                         latents=latents, schedule=schedule)
 
     def _run(self, a: _Request, t_start: float) -> GenerateResult:
@@ -521,7 +523,8 @@ class Engine:
                 else:  # multi-ControlNet: residuals add up
                     down, mid = [a + b for a, b in zip(down, d)], mid + m
             m1 = timer.mark()
-            out = unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, ehs, text_embeds=text_embeds, time_ids=time_ids,
+            u_in = x_in if extra is None else torch.cat([x_in, extra], dim=1)  # inpainting models: 9 channels
+            out = unet(u_in, t, ehs, text_embeds=text_embeds, time_ids=time_ids,
                        down_block_additional_residuals=None if down is None else tuple(down),
                        mid_block_additional_residual=mid)
             if do_cfg:

@@ -6,8 +6,9 @@
 
 Kinds (pipelines): "sd15" (CLIP-L style text encoder, PNDM), "sd-turbo" (SD2 style: gelu text encoder,
 pad "!", linear projections, Euler trailing), "sdxl" (two text encoders, Euler leading), "sdxl-turbo"
-(Euler ancestral trailing), "sd15-inpaint" (sd15 with a 9-channel inpainting U-Net). ControlNets: "controlnet-sd", "controlnet-sd-2" (another seed),
-"controlnet-sdxl". Weights come from fixed seeds, so a kind is the same model in every run.
+(Euler ancestral trailing), "sd15-inpaint" (sd15 with a 9-channel inpainting U-Net). ControlNets:
+"controlnet-sd", "controlnet-sd-2" (another seed), "controlnet-sdxl". Weights come from fixed seeds, so a
+kind is the same model in every run.
 
 Every model is tiny (block_out_channels (32, 64), 2-level VAE: 32x32 px images -> 16x16 latents) but
 keeps the real structure: text encoders have the real 49408-token vocabulary, and the tokenizer
@@ -91,7 +92,8 @@ def _unet_kwargs(kind: str) -> dict:
     common = dict(block_out_channels=(32, 64), layers_per_block=2, in_channels=4, norm_num_groups=32,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"))
     if kind in ("sd15", "sd15-inpaint"):
-        return dict(common, cross_attention_dim=32, attention_head_dim=8, in_channels=9 if kind == "sd15-inpaint" else 4)
+        channels = 9 if kind == "sd15-inpaint" else 4  # inpainting: latents + mask + masked-image latents
+        return dict(common, cross_attention_dim=32, attention_head_dim=8, in_channels=channels)
     if kind == "sd-turbo":
         return dict(common, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
     # SDXL: time ids (6 x 8) + pooled TE2 (32) = 80
