@@ -10,7 +10,8 @@ preparation, classifier-free guidance, ControlNet residuals, VAE decoding), so t
 and the same initial noise give the same image. Randomness: everything is drawn up front from a
 CPU ``torch.Generator`` seeded with ``seed``, in diffusers' order (VAE posterior sample for
 img2img, initial noise, the masked image's posterior for inpainting, then one draw per step for
-stochastic samplers), so with the same seed the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
+stochastic samplers), so with the same seed the engine reproduces
+``pipe(..., generator=torch.Generator().manual_seed(seed))``.
 The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisation.
 """
 
