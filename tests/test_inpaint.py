@@ -126,6 +126,17 @@ def test_inpainting_model_with_controlnet(root):
     assert np.abs(a - b).max() > 1e-2  # the ControlNet is used
 
 
+def test_sdxl_inpainting_model_matches_diffusers(root):
+    path = tiny_pipeline("sdxl-inpaint", root)
+    pipe = _load(diffusers.StableDiffusionXLInpaintPipeline, path)
+    engine = Engine.from_pretrained(path)
+    assert engine.family == "sdxl" and engine.inpainting_unet
+    out = _compare(pipe, engine, prompt=PROMPT, negative_prompt="blurry", image=_image(40), mask_image=_pil_mask(41),
+                   strength=1.0, num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                   num_images_per_prompt=2)
+    assert out.shape[0] == 2 and np.abs(out[0] - out[1]).max() > 1e-3
+
+
 # ------------------------------------------------------------------------------ 4-channel models
 @pytest.mark.parametrize("scheduler,strength", [
     (None, 0.6),                                                   # PNDM (the model's own)
@@ -349,3 +360,4 @@ def test_cli_inpaint(root, tmp_path, capsys):
     assert main(["generate", "--model", str(model), "--prompt", "a dog", "--mask", str(mask),
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "mask_image needs image=" in capsys.readouterr().err
+

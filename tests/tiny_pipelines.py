@@ -6,7 +6,7 @@
 
 Kinds (pipelines): "sd15" (CLIP-L style text encoder, PNDM), "sd-turbo" (SD2 style: gelu text encoder,
 pad "!", linear projections, Euler trailing), "sdxl" (two text encoders, Euler leading), "sdxl-turbo"
-(Euler ancestral trailing), "sd15-inpaint" (sd15 with a 9-channel inpainting U-Net). ControlNets:
+(Euler ancestral trailing), "sd15-inpaint" / "sdxl-inpaint" (9-channel inpainting U-Nets). ControlNets:
 "controlnet-sd", "controlnet-sd-2" (another seed), "controlnet-sdxl". Weights come from fixed seeds, so a
 kind is the same model in every run.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 VOCAB_DIR = Path(__file__).resolve().parents[1] / "ldm_engine" / "data" / "clip"
-PIPELINE_KINDS = ("sd15", "sd-turbo", "sdxl", "sdxl-turbo", "sd15-inpaint")
+PIPELINE_KINDS = ("sd15", "sd-turbo", "sdxl", "sdxl-turbo", "sd15-inpaint", "sdxl-inpaint")
 CONTROLNET_KINDS = ("controlnet-sd", "controlnet-sd-2", "controlnet-sdxl")
 
 _BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -41,8 +41,8 @@ SCHEDULERS = {
                  interpolation_type="linear", use_karras_sigmas=False),
     "sdxl-turbo": dict(_BETAS, _class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing"),
 }
-SCHEDULERS["sd15-inpaint"] = SCHEDULERS["sd15"]
-_SEEDS = {"sd15": 10, "sd15-inpaint": 11, "sd-turbo": 20, "sdxl": 30, "sdxl-turbo": 40,
+SCHEDULERS["sd15-inpaint"], SCHEDULERS["sdxl-inpaint"] = SCHEDULERS["sd15"], SCHEDULERS["sdxl"]
+_SEEDS = {"sd15": 10, "sd15-inpaint": 11, "sdxl-inpaint": 31, "sd-turbo": 20, "sdxl": 30, "sdxl-turbo": 40,
           "controlnet-sd": 50, "controlnet-sd-2": 51, "controlnet-sdxl": 60}
 
 
@@ -97,6 +97,8 @@ def _unet_kwargs(kind: str) -> dict:
     if kind == "sd-turbo":
         return dict(common, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
     # SDXL: time ids (6 x 8) + pooled TE2 (32) = 80
+    if kind == "sdxl-inpaint":
+        common = dict(common, in_channels=9)
     return dict(common, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
                 transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
