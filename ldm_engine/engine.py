@@ -313,8 +313,8 @@ class Engine:
         num_inference_steps, guidance_scale: default from the model family (turbo: 1 step, no guidance).
         seed: int in [0, 2**64); None draws one (returned as result.seed).
         latents: initial noise (batch, 4, height / f, width / f) on the engine's device; replaces the
-            seeded draw (text-to-image: scaled by the sampler's init sigma; img2img: the noise added to the
-            encoded image).
+            seeded draw (text-to-image and inpainting at strength 1.0: scaled by the sampler's init sigma;
+            img2img and inpainting below 1.0: the noise added to the encoded image).
         image, strength: img2img; int(num_inference_steps * strength) steps are run (must be >= 1).
         mask_image: inpainting (with image): white (1) is repainted, black (0) kept; one mask for all, one
             per prompt or one per output image; strength defaults to 1.0 (start from pure noise). Inpainting
@@ -424,14 +424,16 @@ class Engine:
             pixels = a.init.to_tensor(a.height, a.width) * 2.0 - 1.0
             if a.mask is not None:  # inpainting: the masked image, the mask at latent size
                 mask_px = a.mask.to_tensor(a.height, a.width)
-                masked = inpaint.masked_pixels(pixels, mask_px, n_prompts, n).to(dev, self.vae_dtype)
+                masked = inpaint.masked_pixels(pixels, mask_px, n_prompts, n)
                 mask = expand_batch(inpaint.mask_latents(mask_px, f), n_prompts, n, "mask_image").to(dev)
             if a.mask is None or not self.inpainting_unet or a.strength < 1.0:  # the image latents are used
                 post_noise = randn((pixels.shape[0], shape[1], a.height // f, a.width // f))
             pixels = pixels.to(dev, self.vae_dtype)
         noise = a.latents.float() if a.latents is not None else randn(shape)
         if masked is not None:  # drawn even when unused (4-channel models), to keep diffusers' order
-            masked_noise = randn((masked.shape[0], shape[1], a.height // f, a.width // f))
+            masked_noise = torch.randn((masked.shape[0], *shape[1:]), generator=gen, dtype=torch.float32)
+            if self.inpainting_unet:
+                masked, masked_noise = masked.to(dev, self.vae_dtype), masked_noise.to(dev)
         noises = None
         if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
             noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)]).to(dev)

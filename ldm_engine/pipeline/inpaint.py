@@ -19,7 +19,10 @@ initial noise, the masked image's posterior sample, then the samplers' per-step 
 Accepted masks (``mask_image``): PIL images (the modes of ldm_engine.pipeline.images), numpy arrays
 (H, W), (H, W, C) or (N, H, W, C) and tensors (H, W), (C, H, W) or (N, C, H, W) with C = 1 (gray) or
 3 / 4 (RGB / RGBA: the luminance 0.299 R + 0.587 G + 0.114 B is used, alpha ignored, as PIL's "L");
-bool, uint8 (0..255) or float in [0, 1]; or a list of one kind.
+bool, uint8 (0..255) or float in [0, 1]; or a list of one kind. Batches: one mask (and image) for all,
+one per prompt (shared by that prompt's images) or one per output image. (diffusers tiles a per-prompt
+mask over the batch instead, which pairs masks with the wrong prompts when several prompts each get
+several images; everywhere else the two agree.)
 """
 
 from __future__ import annotations
