@@ -374,6 +374,8 @@ def _context_dim(config) -> int:
 
 def unet_contract(config, *, vae_scale: int, dtype="fp32", seq_len=77, text_embeds_dim=1280,
                   with_residuals=False) -> Contract:
+    """``sample`` has the U-Net's in_channels: 4 (latents), or 9 for inpainting U-Nets (latents, mask,
+    masked-image latents, concatenated by the engine), with 4 output channels either way."""
     d = dtype_name(dtype)
     c_in, c_out = int(_cfg(config, "in_channels")), int(_cfg(config, "out_channels"))
     inputs = (TensorSpec("sample", (B, c_in, H, W), d),

@@ -32,7 +32,7 @@ def _size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm_engine", description="Fast latent-diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate an image (text-to-image, img2img or ControlNet)",
+    g = sub.add_parser("generate", help="generate an image (text-to-image, img2img, inpainting or ControlNet)",
                        description="Generate image(s). Without --model, runs the tiny demo model with random weights.")
     g.add_argument("--model", help="diffusers pipeline folder, single-file .safetensors checkpoint, or Hugging Face repo id "
                                    "(in the local cache), "
@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size, e.g. 512x512")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (one batch)")
-    g.add_argument("--image", type=Path, help="init image for img2img")
-    g.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1]")
+    g.add_argument("--image", type=Path, help="init image for img2img (or the image to inpaint, with --mask)")
+    g.add_argument("--mask", type=Path, help="inpainting mask for --image: white is repainted, black kept")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting strength in (0, 1] (inpainting default 1.0)")
     g.add_argument("--controlnet", action="append", default=[], metavar="PATH",
                    help="ControlNet folder or repo id; repeat for multi-ControlNet")
     g.add_argument("--control-image", action="append", default=[], type=Path, metavar="IMG",
@@ -140,6 +142,7 @@ def _generate(args) -> int:
         prompt, negative_prompt=args.negative_prompt, height=height, width=width,
         num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
         image=_open_image(args.image) if args.image else None, strength=args.strength,
+        mask_image=_open_image(args.mask) if args.mask else None,
         control_image=(control[0] if len(control) == 1 else control) or None,
         controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
         num_images_per_prompt=args.num_images, output_type="pil",

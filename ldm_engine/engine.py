@@ -1,4 +1,5 @@
-"""Engine: text-to-image, img2img and ControlNet generation for SD1.x/2.x, SDXL and their Turbo variants.
+"""Engine: text-to-image, img2img, inpainting and ControlNet generation for SD1.x/2.x, SDXL and
+their Turbo variants.
 
     engine = Engine.from_pretrained("stabilityai/sd-turbo")
     result = engine.generate("a photo of a cat", seed=0)
@@ -8,8 +9,9 @@ The pipeline follows the diffusers reference pipelines step by step (conditionin
 preparation, classifier-free guidance, ControlNet residuals, VAE decoding), so the same weights
 and the same initial noise give the same image. Randomness: everything is drawn up front from a
 CPU ``torch.Generator`` seeded with ``seed``, in diffusers' order (VAE posterior sample for
-img2img -- none with a tiny VAE --, initial noise, then one draw per step for stochastic samplers), so with the same seed
-the engine reproduces ``pipe(..., generator=torch.Generator().manual_seed(seed))``.
+img2img -- none with a tiny VAE --, initial noise, the masked image's posterior for inpainting,
+then one draw per step for stochastic samplers), so with the same seed the engine reproduces
+``pipe(..., generator=torch.Generator().manual_seed(seed))``.
 The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisation.
 """
 
@@ -25,12 +27,12 @@ from typing import Any, Sequence
 import torch
 
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
-from ldm_engine.pipeline import preview
+from ldm_engine.pipeline import inpaint, preview
 from ldm_engine.pipeline import validation as check
 from ldm_engine.pipeline.conditioning import encode_prompts
 from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
 from ldm_engine.pipeline.images import expand_batch, parse_image, postprocess
-from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior, encode_image
+from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior
 from ldm_engine.pipeline.preview import check_callback
 from ldm_engine.pipeline.timing import StageTimer
 
@@ -52,6 +54,8 @@ class _Request:
     guidance: float
     do_cfg: bool
     init: Any                   # ImageBatch | None (img2img)
+    mask: Any                   # MaskBatch | None (inpainting)
+    strength: float | None
     height: int
     width: int
     controls: list              # one ImageBatch per ControlNet
@@ -135,7 +139,8 @@ class Engine:
         check_vae_latent_channels(unet_cfg, vae, preview_vae)
         if self.dtype == torch.float16 and preview_vae is not None and vae_needs_fp32(self.family, preview_vae.config):
             preview_vae.to(torch.float32)
-        self.latent_channels = unet_cfg.in_channels
+        self.latent_channels = vae_cfg.latent_channels
+        self.inpainting_unet = unet_cfg.in_channels == 2 * vae_cfg.latent_channels + 1  # 9: + mask, masked image
         self.num_train_timesteps = int(components.scheduler_config.get("num_train_timesteps", 1000))
 
         for i, net in enumerate(self.controlnets):
@@ -321,7 +326,7 @@ class Engine:
     def generate(self, prompt, *, negative_prompt=None, height=None, width=None, num_inference_steps=None,
                  guidance_scale=None, seed=None, latents=None, image=None, strength=None, control_image=None,
                  controlnet_conditioning_scale=1.0, num_images_per_prompt=1, output_type="pil",
-                 callback=None) -> GenerateResult:
+                 mask_image=None, callback=None) -> GenerateResult:
         """Generates images; every argument is checked before any network runs (ValueError / TypeError).
 
         prompt: str or list of str (one batch). negative_prompt: str (for all) or one per prompt; used only
@@ -331,9 +336,13 @@ class Engine:
         num_inference_steps, guidance_scale: default from the model family (turbo: 1 step, no guidance).
         seed: int in [0, 2**64); None draws one (returned as result.seed).
         latents: initial noise (batch, 4, height / f, width / f) on the engine's device; replaces the
-            seeded draw (text-to-image: scaled by the sampler's init sigma; img2img: the noise added to the
-            encoded image).
+            seeded draw (text-to-image and inpainting at strength 1.0: scaled by the sampler's init sigma;
+            img2img and inpainting below 1.0: the noise added to the encoded image).
         image, strength: img2img; int(num_inference_steps * strength) steps are run (must be >= 1).
+        mask_image: inpainting (with image): white (1) is repainted, black (0) kept; one mask for all, one
+            per prompt or one per output image; strength defaults to 1.0 (start from pure noise). Inpainting
+            models (9-channel U-Net) need it; other models blend the known region back after every step.
+            See ldm_engine.pipeline.inpaint.
         control_image, controlnet_conditioning_scale: one image (and scale) per loaded ControlNet.
         num_images_per_prompt: images per prompt, in the same batch.
         output_type: "pil" (list), "np" (float32 (N, H, W, 3) in [0, 1]), "pt" ((N, 3, H, W) tensor),
@@ -346,14 +355,14 @@ class Engine:
         t_start = time.perf_counter()
         args = self._check_args(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                 seed, latents, image, strength, control_image, controlnet_conditioning_scale,
-                                num_images_per_prompt, output_type)
+                                num_images_per_prompt, output_type, mask_image)
         args.callback = check_callback(callback)
         with torch.inference_mode():
             return self._run(args, t_start)
 
     def _check_args(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
                     latents, image, strength, control_image, controlnet_conditioning_scale,
-                    num_images_per_prompt, output_type) -> _Request:
+                    num_images_per_prompt, output_type, mask_image=None) -> _Request:
         from ldm_engine.samplers import build_schedule
 
         d = self.defaults
@@ -364,10 +373,17 @@ class Engine:
         seed = check.check_seed(seed)
         guidance = d.guidance_scale if guidance_scale is None else check.check_guidance(guidance_scale)
 
-        init = None
+        init = mask = None
+        if mask_image is not None and image is None:
+            raise InvalidInputError("mask_image needs image= (the picture to inpaint)")
+        if self.inpainting_unet and mask_image is None:
+            raise InvalidInputError("this is an inpainting model (its U-Net takes 9 channels: latents, mask, masked "
+                                    "image): pass image= and mask_image=")
         if image is not None:
-            strength = d.strength if strength is None else check.check_strength(strength)
+            default_strength = 1.0 if mask_image is not None else d.strength
+            strength = default_strength if strength is None else check.check_strength(strength)
             init = parse_image(image, "image")
+            mask = None if mask_image is None else inpaint.parse_mask(mask_image)
         elif strength is not None:
             raise InvalidInputError("strength applies to img2img only: pass image= as well (or drop strength)")
         if num_inference_steps is None:
@@ -379,7 +395,7 @@ class Engine:
 
         controls = [parse_image(c, "control_image" if len(self.controlnets) == 1 else f"control_image[{i}]")
                     for i, c in enumerate(check.check_control_images(control_image, len(self.controlnets)))]
-        for what, batch in [("image", init)] + [("control_image", c) for c in controls]:
+        for what, batch in [("image", init), ("mask_image", mask)] + [("control_image", c) for c in controls]:
             if batch is not None and batch.batch_size not in (1, len(prompts), len(prompts) * n):
                 raise InvalidInputError(
                     f"{what} holds {batch.batch_size} images; give 1, one per prompt ({len(prompts)}) "
@@ -410,7 +426,8 @@ class Engine:
                                   strength=strength if init is not None else None, device=self.device)
         return _Request(prompts=prompts, negatives=negatives, n=n, output_type=output_type,
                         seed=secrets.randbits(63) if seed is None else seed, guidance=guidance, do_cfg=do_cfg,
-                        init=init, height=height, width=width, controls=controls, scales=scales, shape=shape,
+                        init=init, mask=mask, strength=strength if init is not None else None,
+                        height=height, width=width, controls=controls, scales=scales, shape=shape,
                         latents=latents, schedule=schedule)
 
     def _run(self, a: _Request, t_start: float) -> GenerateResult:
@@ -427,14 +444,25 @@ class Engine:
         def randn(shape_):
             return torch.randn(shape_, generator=gen, dtype=torch.float32).to(dev)
 
-        pixels = post_noise = None
+        f = self.vae_scale_factor
+        pixels = post_noise = masked = mask = masked_noise = None
+        use_image_latents = False  # img2img / inpainting below strength 1 / 4-channel inpainting
         if a.init is not None:
-            pixels = (a.init.to_tensor(a.height, a.width) * 2.0 - 1.0).to(dev, self.vae_dtype)
-            f = self.vae_scale_factor
-            if draws_posterior(comps.vae):  # a tiny VAE's encoder draws nothing (as diffusers)
-                post_noise = randn((pixels.shape[0], vae_cfg.latent_channels, pixels.shape[2] // f,
-                                    pixels.shape[3] // f))
+            pixels = a.init.to_tensor(a.height, a.width) * 2.0 - 1.0
+            if a.mask is not None:  # inpainting: the masked image, the mask at latent size
+                mask_px = a.mask.to_tensor(a.height, a.width)
+                masked = inpaint.masked_pixels(pixels, mask_px, n_prompts, n)
+                mask = expand_batch(inpaint.mask_latents(mask_px, f), n_prompts, n, "mask_image").to(dev)
+            use_image_latents = a.mask is None or not self.inpainting_unet or a.strength < 1.0
+            if use_image_latents and draws_posterior(comps.vae):  # a tiny VAE's encoder draws nothing (as diffusers)
+                post_noise = randn((pixels.shape[0], shape[1], a.height // f, a.width // f))
+            pixels = pixels.to(dev, self.vae_dtype)
         noise = a.latents.float() if a.latents is not None else randn(shape)
+        if masked is not None:
+            if draws_posterior(comps.vae):  # drawn even when unused (4-channel models), diffusers' order
+                masked_noise = torch.randn((masked.shape[0], *shape[1:]), generator=gen, dtype=torch.float32).to(dev)
+            if self.inpainting_unet:
+                masked = masked.to(dev, self.vae_dtype)
         noises = None
         if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
             noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)]).to(dev)
@@ -452,21 +480,29 @@ class Engine:
                               dtype=self.unet_dtype, device=dev)
         m_text1 = timer.mark()
 
-        # 3. Initial latents: noise, or (img2img) the encoded image noised to the first timestep.
-        if pixels is not None:
-            z = encode_image(comps.vae, pixels, post_noise)      # latent_dist.sample(generator)
-            z = expand_batch((z - shift) * scale, n_prompts, n, "image")
+        # 3. Initial latents: noise, or (img2img) the encoded image noised to the first timestep;
+        #    inpainting: the U-Net's extra input channels or the per-step blend (pipeline/inpaint.py).
+        extra = blend = None
+        if use_image_latents:
+            z = expand_batch(inpaint.vae_sample(comps.vae, pixels, post_noise, scale, shift), n_prompts, n, "image")
+        if mask is not None and self.inpainting_unet:
+            mz = expand_batch(inpaint.vae_sample(comps.vae, masked, masked_noise, scale, shift), n_prompts, n, "image")
+            extra = torch.cat([mask, mz], dim=1).to(self.unet_dtype)
+            extra = torch.cat([extra, extra]) if a.do_cfg else extra
+        elif mask is not None:
+            blend = inpaint.blend_known(schedule, z, noise, mask)
+        if pixels is not None and not (mask is not None and a.strength == 1.0):
             x = schedule.add_noise(z, noise)
-        else:
+        else:  # text-to-image, and inpainting at strength 1.0 (as diffusers): pure noise
             x = noise * schedule.init_noise_sigma
         m_enc = timer.mark()
 
         # 4. Denoising loop.
         step_marks: list[tuple] = []
         model_fn = self._model_fn(comps.unet, nets, cond, controls, a.scales, a.guidance, a.do_cfg, timer,
-                                  step_marks)
+                                  step_marks, extra)
         hook = preview.callback_hook(a.callback, schedule, preview.vae_decoder(self.preview_vae))
-        x0 = preview.run_sampler(schedule, model_fn, x, noises, after_step=hook)
+        x0 = preview.run_sampler(schedule, model_fn, x, noises, after_step=preview.compose(blend, hook))
         m_loop = timer.mark()
 
         if a.output_type == "latent":
@@ -488,8 +524,9 @@ class Engine:
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         return GenerateResult(images=images, timings=timings, seed=a.seed)
 
-    def _model_fn(self, unet, nets, cond, controls, scales, guidance, do_cfg, timer, step_marks):
-        """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves."""
+    def _model_fn(self, unet, nets, cond, controls, scales, guidance, do_cfg, timer, step_marks, extra=None):
+        """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves.
+        extra: channels appended to the U-Net's input only (inpainting models' mask and masked image)."""
         dtype = self.unet_dtype
         ehs, text_embeds, time_ids = cond.encoder_hidden_states, cond.text_embeds, cond.time_ids
         copy_output = self._copy_unet_output
@@ -517,7 +554,8 @@ class Engine:
                 else:  # multi-ControlNet: residuals add up
                     down, mid = [a + b for a, b in zip(down, d)], mid + m
             m1 = timer.mark()
-            out = unet(x_in, t, ehs, text_embeds=text_embeds, time_ids=time_ids,
+            u_in = x_in if extra is None else torch.cat([x_in, extra], dim=1)  # inpainting models: 9 channels
+            out = unet(u_in, t, ehs, text_embeds=text_embeds, time_ids=time_ids,
                        down_block_additional_residuals=None if down is None else tuple(down),
                        mid_block_additional_residual=mid)
             if do_cfg:

@@ -137,7 +137,7 @@ class Schedule:
     _input_scale: tuple  # per step divisor of scale_model_input (None: identity)
     _coefs: tuple
     _advance: Callable
-    _noise_coefs: tuple  # add_noise: x0*a + noise*b
+    _noise_coefs: tuple  # add_noise to timesteps[i]: x0*a + noise*b, one (a, b) per step
     _clip: Callable | None = None
     _state: dict = field(default_factory=dict, repr=False)
 
@@ -154,9 +154,10 @@ class Schedule:
         d = self._input_scale[i]
         return x if d is None else x / d
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Noise clean latents to the first timestep of the schedule (img2img)."""
-        a, b = self._noise_coefs
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int = 0) -> torch.Tensor:
+        """Noise clean latents to timesteps[i], as the diffusers scheduler's add_noise() does there
+        (i = 0: img2img's start; inpainting re-noises the known region to each next timestep)."""
+        a, b = self._noise_coefs[i]
         return x0 * a + noise * b
 
     def reset(self) -> None:
@@ -392,7 +393,8 @@ def _build_euler(c, n, begin, ancestral: bool):
         # x + dt * (x - x0) / sigma
         coefs.append(_Lin(x=1 + dt * (1 - p) / s, out=-dt * q / s, noise=noise))
     return dict(timesteps=timesteps[begin:], sigmas=sigmas[begin:], init_noise_sigma=_f(init),
-                input_scale=scales, coefs=coefs, advance=_advance_lin, noise_coefs=(1.0, _f(sigmas[begin])))
+                input_scale=scales, coefs=coefs, advance=_advance_lin,
+                noise_coefs=[(1.0, _f(sigmas[k])) for k in range(begin, len(timesteps))])
 
 
 def _build_ddim(c, n, begin):
@@ -425,11 +427,10 @@ def _lin_with_x0(c, x, out, x0, p, q, noise=0.0) -> _Lin:
 
 
 def _alpha_schedule(c, ac, timesteps, begin, coefs, **extra):
-    t0 = int(timesteps[begin])
-    a = ac[t0]
+    noise_coefs = [(_f(ac[t] ** 0.5), _f((1 - ac[t]) ** 0.5)) for t in timesteps[begin:].tolist()]
     return dict(dict(timesteps=torch.from_numpy(timesteps[begin:].astype(np.int64)), sigmas=None,
                      init_noise_sigma=1.0, input_scale=[None] * len(coefs), coefs=coefs,
-                     advance=_advance_lin, noise_coefs=(_f(a**0.5), _f((1 - a) ** 0.5))), **extra)
+                     advance=_advance_lin, noise_coefs=noise_coefs), **extra)
 
 
 def _build_ddpm(c, n, begin):
@@ -582,10 +583,9 @@ def _build_dpm(c, n, begin):
         else:
             g = _f(alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * _f(1.0 / r0)
         coefs.append(_Dpm(d_x, d_out, x=_f(sigma_t / sigma_s), d=-_f(phi), dd=g))
-    alpha0, sigma0 = _dpm_alpha_sigma(sigmas[begin])
+    noise_coefs = [tuple(_f(v) for v in _dpm_alpha_sigma(sigmas[k])) for k in range(begin, n)]
     return dict(timesteps=timesteps[begin:], sigmas=sigmas[begin:], init_noise_sigma=1.0,
-                input_scale=[None] * len(coefs), coefs=coefs, advance=_advance_dpm,
-                noise_coefs=(_f(alpha0), _f(sigma0)))
+                input_scale=[None] * len(coefs), coefs=coefs, advance=_advance_dpm, noise_coefs=noise_coefs)
 
 
 _BUILDERS = {
@@ -656,5 +656,5 @@ def build_schedule(name: str, scheduler_config: dict, num_inference_steps: int, 
             f"schedule reaches a timestep >= num_train_timesteps ({c.num_train_timesteps}); use fewer steps") from None
     return Schedule(name=name, timesteps=b["timesteps"].to(device), init_noise_sigma=b["init_noise_sigma"],
                     prediction_type=c.prediction_type, sigmas=b["sigmas"], _input_scale=tuple(b["input_scale"]),
-                    _coefs=tuple(b["coefs"]), _advance=b["advance"], _noise_coefs=b["noise_coefs"],
+                    _coefs=tuple(b["coefs"]), _advance=b["advance"], _noise_coefs=tuple(b["noise_coefs"]),
                     _clip=_make_clip(c))

@@ -122,12 +122,12 @@ def test_half_precision_latents_stay_fp32_and_vae_upcast(engines, dtype, monkeyp
     seen = []
     sample = samplers.sample
 
-    def spy_sample(schedule, model_fn, x, noises=None):
+    def spy_sample(schedule, model_fn, x, noises=None, **kw):
         def spy_fn(x_in, t):
             out = model_fn(x_in, t)
             seen.append((x_in.dtype, out.dtype))
             return out
-        return sample(schedule, spy_fn, x, noises)
+        return sample(schedule, spy_fn, x, noises, **kw)
 
     monkeypatch.setattr(samplers, "sample", spy_sample)
     lat = engine.generate(PROMPT, seed=0, num_inference_steps=2, output_type="latent").images

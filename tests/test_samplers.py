@@ -157,6 +157,9 @@ def check_against_reference(name, cfg, steps, monkeypatch, strength=None):
         assert rel_err(sched.scale_model_input(x, i), x_in) <= EXACT_TOL, f"scale_model_input, step {i}"
         out = model(x_in, t)
         x_next = ref.step(out, t, x)
+        if i + 1 < n:  # inpainting re-noises the known region to the next timestep after each step
+            want = ref.sched.add_noise(x0, noise0, ref.timesteps[i + 1:i + 2])
+            assert rel_err(sched.add_noise(x0, noise0, i + 1), want) <= F32_TOL, f"add_noise to step {i + 1}"
         # float64: same math as diffusers' on its float32 constants -> ~exact
         ref64.sched.scale_model_input(x.double(), t)
         want = ref64.step(out.double(), t, x.double())

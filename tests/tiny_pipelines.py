@@ -6,8 +6,9 @@
 
 Kinds (pipelines): "sd15" (CLIP-L style text encoder, PNDM), "sd-turbo" (SD2 style: gelu text encoder,
 pad "!", linear projections, Euler trailing), "sdxl" (two text encoders, Euler leading), "sdxl-turbo"
-(Euler ancestral trailing). ControlNets: "controlnet-sd", "controlnet-sd-2" (another seed),
-"controlnet-sdxl". Weights come from fixed seeds, so a kind is the same model in every run.
+(Euler ancestral trailing), "sd15-inpaint" / "sdxl-inpaint" (9-channel inpainting U-Nets). ControlNets:
+"controlnet-sd", "controlnet-sd-2" (another seed), "controlnet-sdxl". Weights come from fixed seeds, so a
+kind is the same model in every run.
 
 Every model is tiny (block_out_channels (32, 64), 2-level VAE: 32x32 px images -> 16x16 latents) but
 keeps the real structure: text encoders have the real 49408-token vocabulary, and the tokenizer
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 VOCAB_DIR = Path(__file__).resolve().parents[1] / "ldm_engine" / "data" / "clip"
-PIPELINE_KINDS = ("sd15", "sd-turbo", "sdxl", "sdxl-turbo")
+PIPELINE_KINDS = ("sd15", "sd-turbo", "sdxl", "sdxl-turbo", "sd15-inpaint", "sdxl-inpaint")
 CONTROLNET_KINDS = ("controlnet-sd", "controlnet-sd-2", "controlnet-sdxl")
 
 _BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -40,7 +41,8 @@ SCHEDULERS = {
                  interpolation_type="linear", use_karras_sigmas=False),
     "sdxl-turbo": dict(_BETAS, _class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing"),
 }
-_SEEDS = {"sd15": 10, "sd-turbo": 20, "sdxl": 30, "sdxl-turbo": 40,
+SCHEDULERS["sd15-inpaint"], SCHEDULERS["sdxl-inpaint"] = SCHEDULERS["sd15"], SCHEDULERS["sdxl"]
+_SEEDS = {"sd15": 10, "sd15-inpaint": 11, "sdxl-inpaint": 31, "sd-turbo": 20, "sdxl": 30, "sdxl-turbo": 40,
           "controlnet-sd": 50, "controlnet-sd-2": 51, "controlnet-sdxl": 60}
 
 
@@ -89,11 +91,14 @@ def _vae(scaling_factor: float, force_upcast: bool):
 def _unet_kwargs(kind: str) -> dict:
     common = dict(block_out_channels=(32, 64), layers_per_block=2, in_channels=4, norm_num_groups=32,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"))
-    if kind == "sd15":
-        return dict(common, cross_attention_dim=32, attention_head_dim=8)
+    if kind in ("sd15", "sd15-inpaint"):
+        channels = 9 if kind == "sd15-inpaint" else 4  # inpainting: latents + mask + masked-image latents
+        return dict(common, cross_attention_dim=32, attention_head_dim=8, in_channels=channels)
     if kind == "sd-turbo":
         return dict(common, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
     # SDXL: time ids (6 x 8) + pooled TE2 (32) = 80
+    if kind == "sdxl-inpaint":
+        common = dict(common, in_channels=9)
     return dict(common, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
                 transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
@@ -111,8 +116,8 @@ def _build_pipeline(kind: str, path: Path) -> None:
     unet = UNet2DConditionModel(sample_size=16, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                 **_unet_kwargs(kind)).eval()
     tmp = path.parent / f".{path.name}-tok"
-    if kind in ("sd15", "sd-turbo"):
-        sd15 = kind == "sd15"
+    if kind in ("sd15", "sd-turbo", "sd15-inpaint"):
+        sd15 = kind != "sd-turbo"
         pipe = StableDiffusionPipeline(
             vae=_vae(0.18215, force_upcast=not sd15), unet=unet, scheduler=scheduler,
             text_encoder=_text_encoder(32, act="quick_gelu" if sd15 else "gelu"),

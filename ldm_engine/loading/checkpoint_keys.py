@@ -350,6 +350,12 @@ SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
 IGNORED_TOP_LEVEL_PREFIXES = ("model_ema.", "first_stage_model.loss.", "vae.loss.")
 
 
+def unet_in_channels(shapes: dict[str, Sequence[int]]) -> int | None:
+    """The U-Net's input channels from its first convolution (9 for inpainting models), if stored."""
+    shape = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
+    return None if shape is None or len(shape) != 4 else int(shape[1])
+
+
 def first_key_with_suffix(keys, prefix: str, suffix: str) -> str | None:
     for k in keys:
         if k.startswith(prefix) and k.endswith(suffix):

@@ -99,6 +99,9 @@ def load_single_file_pipeline(path: Path, *, device: torch.device, dtype: torch.
             cfgs.setdefault("scheduler", _default_configs(family, sgm_layout, prediction)["scheduler"])
         else:
             cfgs = _default_configs(family, sgm_layout, prediction)
+        in_channels = keys.unet_in_channels(shapes)  # 9 for inpainting checkpoints: the weights decide
+        if in_channels is not None and in_channels != cfgs["unet"].get("in_channels", 4):
+            cfgs["unet"] = dict(cfgs["unet"], in_channels=in_channels)
         scheduler_config = dict(cfgs["scheduler"])
         if prediction is not None:
             scheduler_config["prediction_type"] = prediction
