@@ -181,3 +181,14 @@ def test_cli_generates_without_prompt(folders, tmp_path, capsys):
     for extra, words in ((["--prompt", "a cat"], "unconditional"), (["--guidance", "5"], "guidance_scale")):
         assert main(["generate", "--model", model, "--steps", "2", "--out", str(out), *extra]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_stable_diffusion_sources_are_not_pixel_models(tmp_path):
+    from loading_fixtures import pipeline_to_single_file, tiny_pipeline_folder
+
+    from ldm_engine.loading.pixel import is_pixel_model
+
+    assert not is_pixel_model(tiny_pipeline_folder("sd1"))
+    save_file({k: v.contiguous() for k, v in pipeline_to_single_file("sd1").items()}, tmp_path / "sd.safetensors")
+    assert not is_pixel_model(tmp_path / "sd.safetensors")
+    assert not is_pixel_model(tmp_path / "missing-folder") and not is_pixel_model("no-org/no-such-model")
