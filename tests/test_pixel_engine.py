@@ -192,3 +192,11 @@ def test_stable_diffusion_sources_are_not_pixel_models(tmp_path):
     save_file({k: v.contiguous() for k, v in pipeline_to_single_file("sd1").items()}, tmp_path / "sd.safetensors")
     assert not is_pixel_model(tmp_path / "sd.safetensors")
     assert not is_pixel_model(tmp_path / "missing-folder") and not is_pixel_model("no-org/no-such-model")
+
+
+def test_compiled_unet_is_one_graph_and_gives_the_same_images(folders):
+    engine = Engine.from_pretrained(folders[("attn", "DDIMPipeline")])
+    eager = engine.generate(num_inference_steps=3, seed=2, num_images_per_prompt=2, output_type="pt").images
+    compiled = engine.compile(backend="aot_eager").generate(num_inference_steps=3, seed=2, num_images_per_prompt=2,
+                                                            output_type="pt").images
+    assert (compiled - eager).abs().max() <= 1e-5

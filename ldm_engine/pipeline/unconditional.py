@@ -113,6 +113,22 @@ class PixelEngine:
                                     f"unconditional pixel model, got {name!r}")
         return name
 
+    def compile(self, *, mode: str | None = None, backend: str = "inductor") -> PixelEngine:
+        """torch.compile the U-Net as one graph (fullgraph=True), on the first generate() of each new
+        shape; torch backend only. Returns self."""
+        unet = self.components.unet
+        if not isinstance(unet, torch.nn.Module):
+            raise InvalidInputError("compile() needs the torch backend (exported networks are already compiled)")
+        compiled = torch.compile(unet, fullgraph=True, mode=mode, backend=backend)
+        if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs reuse the output; PLMS keeps old ones
+            def compiled_unet(x, t, _net=compiled):
+                return _net(x, t).clone()
+            compiled_unet.config = unet.config
+            self.components.unet = compiled_unet
+        else:
+            self.components.unet = compiled
+        return self
+
     def __repr__(self) -> str:
         return (f"PixelEngine({self.name!r}, {self.height}x{self.width}, device={self.device}, dtype={self.dtype}, "
                 f"scheduler={self.scheduler})")
