@@ -200,3 +200,12 @@ def test_compiled_unet_is_one_graph_and_gives_the_same_images(folders):
     compiled = engine.compile(backend="aot_eager").generate(num_inference_steps=3, seed=2, num_images_per_prompt=2,
                                                             output_type="pt").images
     assert (compiled - eager).abs().max() <= 1e-5
+
+
+def test_learned_variance_unet_is_refused():
+    from ldm_engine.loading.pixel import PixelComponents
+    from ldm_engine.models.unet_2d import UNet2DConfig, UNet2DModel
+
+    unet = UNet2DModel(UNet2DConfig.from_dict({**TINY["plain"], "out_channels": 6}))
+    with pytest.raises(InvalidInputError, match="learned-variance"):
+        PixelEngine(PixelComponents(unet=unet, scheduler_config={"_class_name": "DDPMScheduler"}, source="x"))

@@ -43,6 +43,10 @@ class PixelEngine:
         self.family = "pixel"
         self.name = name or str(components.source)
         cfg = components.unet.config
+        if cfg.out_channels != cfg.in_channels:
+            raise InvalidInputError(f"{self.name}: the U-Net predicts {cfg.out_channels} channels for a {cfg.in_channels}-"
+                                    f"channel image (a learned-variance model?); only noise / v / sample prediction "
+                                    f"of the image's own channels is supported")
         self.size_multiple = 2 ** (len(cfg.block_out_channels) - 1)
         size = cfg.sample_size or 32
         self.height, self.width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
