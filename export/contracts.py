@@ -18,7 +18,7 @@ import torch
 __all__ = [
     "Dim", "TensorSpec", "Contract", "ShapeProfile", "ContractError", "NETWORK_KINDS",
     "text_encoder_contract", "unet_contract", "vae_decoder_contract", "vae_encoder_contract",
-    "controlnet_contract", "residual_layout", "DTYPES",
+    "controlnet_contract", "residual_layout", "DTYPES", "unet_2d_contract",
 ]
 
 # Networks a user can ask for on the command line ("text_encoder" covers text_encoder_2 too, and
@@ -422,6 +422,17 @@ def vae_encoder_contract(config, *, dtype="fp32") -> Contract:
                else (TensorSpec("mean", (B, lat, H, W), d), TensorSpec("logvar", (B, lat, H, W), d)))
     return Contract(network="vae_encoder", kind="vae_encoder", dtype=d, vae_scale_factor=f,
                     inputs=(TensorSpec("image", (B, c_in, Dim("H", mul=f), Dim("W", mul=f)), d),), outputs=outputs)
+
+
+def unet_2d_contract(config, *, dtype="fp32") -> Contract:
+    """The unconditional pixel-space U-Net (DDPM UNet2DModel): H and W are pixels (no VAE, factor 1)
+    and must divide by 2^(levels - 1); no text input, no guidance (batch not doubled)."""
+    d = dtype_name(dtype)
+    c_in, c_out = int(_cfg(config, "in_channels")), int(_cfg(config, "out_channels"))
+    multiple = 2 ** (len(_cfg(config, "block_out_channels")) - 1)
+    return Contract(network="unet_2d", kind="unet_2d", dtype=d, vae_scale_factor=1,
+                    inputs=(TensorSpec("sample", (B, c_in, H, W), d), TensorSpec("timestep", (B,), "fp32")),
+                    outputs=(TensorSpec("out_sample", (B, c_out, H, W), d),), extra={"size_multiple": multiple})
 
 
 def required_multiple(unet_config, vae_config) -> int:

@@ -223,6 +223,13 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
     o = resolve_options(options or ExportOptions())
     out = Path(out)
     source = _resolve_source(model)
+    from ldm_engine.loading.pixel import is_pixel_model
+
+    if is_pixel_model(source):  # unconditional DDPM UNet2DModel: export/pixel.py
+        from .pixel import export_pixel_model
+
+        return export_pixel_model(source, out, o, requested_components=(options or ExportOptions()).components,
+                                  log=log)
     old = check_same_model(out, str(source), overwrite=o.overwrite)    # before loading anything
 
     from ldm_engine.loading import load_controlnet, load_pipeline

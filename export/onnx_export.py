@@ -111,6 +111,8 @@ class ExportAdapter(nn.Module):
                 res = {"down_block_additional_residuals": down,
                        "mid_block_additional_residual": x["mid_residual"]}
             return (m(x["sample"], x["timestep"], x["encoder_hidden_states"], **added, **res),)
+        if kind == "unet_2d":
+            return (m(x["sample"], x["timestep"]),)
         if kind == "controlnet":
             down, mid = m(x["sample"], x["timestep"], x["encoder_hidden_states"], x["controlnet_cond"],
                           conditioning_scale=x["conditioning_scale"], **added)

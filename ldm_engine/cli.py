@@ -2,6 +2,7 @@
 
     python -m ldm_engine generate --model stabilityai/sd-turbo --prompt "a cat" --out cat.png
     python -m ldm_engine generate                 # tiny demo model with random weights, no download
+    python -m ldm_engine generate --model google/ddpm-cifar10-32 --steps 1000 --out ddpm.png  # no prompt
 
 Writes the image(s) and prints a per-stage timing table. Bad arguments exit with status 2 and a
 one-line message.
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="diffusers pipeline folder, single-file .safetensors checkpoint, or Hugging Face repo id "
                                    "(in the local cache), "
                                    "e.g. stabilityai/sd-turbo; omitted: the tiny demo model (random weights)")
-    g.add_argument("--prompt", default=None, help=f"text prompt (default with the demo model: {DEMO_PROMPT!r})")
+    g.add_argument("--prompt", default=None, help=f"text prompt (default with the demo model: {DEMO_PROMPT!r}; "
+                                                  "none for unconditional models such as DDPM's)")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model family's)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 turns it off")
@@ -128,25 +130,31 @@ def _generate(args) -> int:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                         controlnet=controlnet or None, scheduler=args.scheduler,
                                         engine_dir=args.engine_dir, vae=args.vae, preview_vae=args.preview_vae)
-    if len(args.control_image) != len(engine.controlnets):
-        raise ValueError(f"give one --control-image per --controlnet ({len(engine.controlnets)}), "
+    unconditional = engine.family == "pixel"  # a DDPM / DDIM UNet2DModel: no prompt, no VAE
+    controlnets = getattr(engine, "controlnets", ())
+    if len(args.control_image) != len(controlnets) and not unconditional:
+        raise ValueError(f"give one --control-image per --controlnet ({len(controlnets)}), "
                          f"got {len(args.control_image)}")
     control = [_open_image(p) for p in args.control_image]
     scales = args.control_scale or [1.0]
     height, width = args.size if args.size else (None, None)
     prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)
-    if prompt is None:
-        raise ValueError("--prompt is required with --model")
+    if prompt is None and not unconditional:
+        raise ValueError("--prompt is required with --model (except for unconditional models such as DDPM's)")
+    cond = {}  # unconditional models refuse conditioning that is given, so only pass what was
+    if args.control_scale or not unconditional:
+        cond["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    if args.mask:
+        cond["mask_image"] = _open_image(args.mask)
+    if args.preview_dir:
+        cond["callback"] = _preview_writer(engine, args.preview_dir)
 
     result = engine.generate(
         prompt, negative_prompt=args.negative_prompt, height=height, width=width,
         num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
         image=_open_image(args.image) if args.image else None, strength=args.strength,
-        mask_image=_open_image(args.mask) if args.mask else None,
         control_image=(control[0] if len(control) == 1 else control) or None,
-        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
-        num_images_per_prompt=args.num_images, output_type="pil",
-        callback=_preview_writer(engine, args.preview_dir) if args.preview_dir else None)
+        num_images_per_prompt=args.num_images, output_type="pil", **cond)
 
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +164,10 @@ def _generate(args) -> int:
         img.save(path)
 
     w, h = result.images[0].size
-    print(f"model:   {engine.name}  ({engine.family}{', turbo' if engine.defaults.turbo else ''}; "
+    turbo = getattr(getattr(engine, "defaults", None), "turbo", False)
+    print(f"model:   {engine.name}  ({engine.family}{', turbo' if turbo else ''}; "
           f"{engine.device}, {str(engine.dtype).replace('torch.', '')}, sampler {engine.scheduler})")
-    print(f"prompt:  {prompt!r}  seed {result.seed}, {w}x{h}")
+    print(f"prompt:  {'(unconditional)' if unconditional else repr(prompt)}  seed {result.seed}, {w}x{h}")
     print(f"wrote:   {', '.join(str(p) for p in paths)}")
     print()
     print(format_timings(result.timings))

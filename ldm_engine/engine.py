@@ -167,6 +167,8 @@ class Engine:
                         variant: str | None = None, config=None, prediction_type: str | None = None,
                         vae=None, preview_vae=None) -> Engine:
         """Loads a pipeline: a diffusers folder, a Hugging Face cache snapshot (repo id), or a single-file checkpoint.
+        Unconditional pixel-space models (DDPM / DDIM UNet2DModel) give a
+        ldm_engine.pipeline.unconditional.PixelEngine, whose generate() takes no prompt.
 
         controlnet: a path / repo id, a loaded ControlNetModel, or a list of them (multi-ControlNet).
         scheduler: a name from ldm_engine.samplers.SAMPLER_NAMES, or None for the model's own.
@@ -180,6 +182,14 @@ class Engine:
         """
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        from ldm_engine.pipeline.unconditional import PixelEngine
+
+        if PixelEngine.handles(path_or_repo_id, backend=backend, engine_dir=engine_dir, config=config):
+            if vae is not None or preview_vae is not None:
+                raise InvalidInputError(f"{path_or_repo_id} is a pixel-space model: it has no VAE to replace")
+            return PixelEngine.from_pretrained(path_or_repo_id, device=device, dtype=dtype, backend=backend,
+                                               engine_dir=engine_dir, controlnet=controlnet, scheduler=scheduler,
+                                               variant=variant, config=config, prediction_type=prediction_type)
         _check_scheduler_name(scheduler)
         device = resolve_device(device)
         if backend == "torch":

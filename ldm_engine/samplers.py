@@ -414,8 +414,11 @@ def _build_ddim(c, n, begin):
             ex, eo = _f(b**0.5), _f(a**0.5)
         else:
             ex, eo = 1 / _f(b**0.5), -_f(a**0.5) / _f(b**0.5)
-        direction = _f((1 - a_prev - 0.0) ** 0.5)  # eta = 0: deterministic
-        coefs.append(_lin_with_x0(c, direction * ex, direction * eo, _f(a_prev**0.5), p, q))
+        std = torch.tensor(0.0)
+        if c.eta:  # sigma_t = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)), DDIM eq. 16
+            std = c.eta * ((1 - a_prev) / b * (1 - a / a_prev)) ** 0.5
+        direction = _f((1 - a_prev - std**2) ** 0.5)
+        coefs.append(_lin_with_x0(c, direction * ex, direction * eo, _f(a_prev**0.5), p, q, noise=_f(std)))
     return _alpha_schedule(c, ac, timesteps, begin, coefs)
 
 
@@ -631,18 +634,25 @@ def _first_step(n: int, strength: float | None) -> int:
 
 
 def build_schedule(name: str, scheduler_config: dict, num_inference_steps: int, *,
-                   strength: float | None = None, device=None) -> Schedule:
+                   strength: float | None = None, device=None, eta: float = 0.0) -> Schedule:
     """Resolve sampler `name` on a diffusers scheduler config for `num_inference_steps` steps.
 
     strength (img2img): keep the last int(num_inference_steps * strength) steps, as diffusers'
     img2img pipelines do; `add_noise` then noises clean latents to the first kept timestep.
+    eta ("ddim" only, in [0, 1]): DDIMScheduler.step's eta; 0 is deterministic DDIM, 1 adds DDPM-like
+    noise at every step (a stochastic schedule: `needs_noise`).
     """
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    if eta and name != "ddim":
+        raise ValueError(f"eta applies to the 'ddim' sampler only, not {name!r}")
     if name not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler name {name!r}; choose one of {SAMPLER_NAMES}")
     n = num_inference_steps
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"num_inference_steps must be an int, got {type(n).__name__}")
     c = _resolve_config(name, scheduler_config)
+    c.eta = float(eta)
     if not 1 <= n <= c.num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in [1, {c.num_train_timesteps}], got {n}")
     begin = _first_step(int(n), strength)

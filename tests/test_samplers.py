@@ -387,3 +387,32 @@ def test_loop_captures_in_cuda_graph(name):
     graph.replay()
     torch.testing.assert_close(static_out, S.sample(sched, model, x * 2, noises), rtol=1e-5, atol=1e-5)
     assert math.isfinite(static_out.abs().max().item())
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_eta_matches_diffusers(eta, clip):
+    """DDIMScheduler.step(eta=...) with the same variance noise, step by step and over the loop."""
+    cfg = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+               clip_sample=clip, set_alpha_to_one=False)
+    ref = DDIMScheduler(**cfg)
+    ref.set_timesteps(12)
+    sched = S.build_schedule("ddim", cfg, 12, eta=eta)
+    assert sched.needs_noise and torch.equal(sched.timesteps, ref.timesteps)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(SHAPE, generator=gen)
+    noises = torch.randn((12, *SHAPE), generator=gen)
+    model, ours = FakeModel(), x
+    for i, t in enumerate(ref.timesteps):
+        out = model(x, t)
+        x_next = ref.step(out, t, x, eta=eta, variance_noise=noises[i]).prev_sample
+        assert rel_err(sched.step(i, out, x, noises[i]), x_next, x) <= F32_TOL
+        x = x_next
+    assert rel_err(S.sample(sched, model, ours, noises), x) <= F32_TOL
+    assert not S.build_schedule("ddim", cfg, 12, eta=0.0).needs_noise
+
+
+@pytest.mark.parametrize("name,eta", [("ddim", -0.1), ("ddim", 1.5), ("ddim", "1"), ("ddpm", 0.5)])
+def test_eta_is_checked(name, eta):
+    with pytest.raises(ValueError, match="eta"):
+        S.build_schedule(name, {"_class_name": "DDIMScheduler"}, 10, eta=eta)

@@ -2,7 +2,7 @@
 published-transformers) state-dict keys — all in this one module.
 
 Styles:
-- diffusers folders: canonical already; old VAE attention names (query/key/value/proj_attn).
+- diffusers folders: canonical already; old VAE and UNet2DModel attention names (query/key/value/proj_attn).
 - transformers CLIP: with the ``text_model.`` prefix (published files) or without it
   (transformers >= 5.6 CLIPTextModel); stale ``position_ids`` buffers.
 - OpenCLIP (SD2.x / SD-Turbo text encoder, SDXL's bigG): fused in_proj, ln_1/ln_2, c_fc/c_proj,
@@ -110,6 +110,9 @@ def diffusers_vae_key(key: str, shape: Sequence[int] = ()) -> list[Target]:
         return [Target(".".join(parts), ("squeeze",))]
     return [Target(key)]
 
+
+# The pixel-space UNet2DModel (DDPM) names its attention blocks as the VAE does, old names included.
+diffusers_unet_2d_key = diffusers_vae_key
 
 _CLIP_INNER_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
 

@@ -226,18 +226,22 @@ class Attention(nn.Module):
 
 
 class SpatialSelfAttention(Attention):
-    """The VAE mid-block attention: GroupNorm, then single-head self-attention over the H*W
-    positions with C channels, plus the residual."""
+    """The VAE mid-block attention and the pixel U-Net's (UNet2DModel) attention blocks: GroupNorm,
+    then self-attention over the H*W positions with C channels (heads of ``head_dim`` channels, one
+    head by default), plus the residual, divided by ``rescale_output_factor``."""
 
-    def __init__(self, channels: int, *, groups: int, eps: float):
-        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+    def __init__(self, channels: int, *, groups: int, eps: float, head_dim: int | None = None,
+                 rescale_output_factor: float = 1.0):
+        head_dim = head_dim or channels
+        super().__init__(channels, heads=channels // head_dim, head_dim=head_dim, qkv_bias=True)
         self.group_norm = GroupNorm(groups, channels, eps, silu=False)
+        self.rescale_output_factor = rescale_output_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         tokens = self.group_norm(x).view(b, c, hgt * wid).transpose(1, 2)
-        out = super().forward(tokens)
-        return x + out.transpose(1, 2).view(b, c, hgt, wid)
+        out = x + super().forward(tokens).transpose(1, 2).view(b, c, hgt, wid)
+        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
 
 class GEGLU(nn.Module):
