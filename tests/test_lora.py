@@ -320,3 +320,70 @@ def test_parse_lora_spec():
     assert parse_lora_spec("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
     with pytest.raises(ValueError):
         parse_lora_spec("a.safetensors:nan")
+
+
+# ----------------------------------------------------------------------------- fast paths keep working
+def _conv_weights(engine):
+    return {n: p for n, p in engine.components.unet.named_parameters() if p.dim() == 4}
+
+
+def test_channels_last_and_cuda_graph_stand_in_no_recapture(paths, pipes, tmp_path):
+    """In-place merges keep every weight's storage and memory format: the graphs (CPU stand-in of
+    tests/test_cuda_graphs.py, which drops its graphs when weights move) replay without capturing
+    again, and the images follow the adapter."""
+    from ldm_engine.pipeline.cuda_graphs import RerunGraphs
+
+    f = kohya_file(tmp_path / "k.safetensors", pipes["sd15"], seed=13, conv=True)
+    eager = Engine.from_pretrained(paths["sd15"])
+    engine = Engine.from_pretrained(paths["sd15"]).use_channels_last()
+    graphs = RerunGraphs()
+    engine._install_graphs(graphs, 8)
+    base_state, base = _state(engine), _image(engine)
+    captured = graphs.captures
+    ptrs = {n: p.data_ptr() for n, p in engine.components.unet.named_parameters()}
+    engine.load_lora(f, scale=0.9)
+    eager.load_lora(f, scale=0.9)
+    for scale in (0.9, -0.4):
+        eager.set_lora_scales({"k": scale})
+        engine.set_lora_scales({"k": scale})
+        got = _image(engine)
+        np.testing.assert_allclose(got, _image(eager), rtol=0, atol=1e-5)
+        assert np.abs(got - base).max() > 1e-2
+    assert graphs.captures == captured, "swapping adapters must not capture graphs again"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in _conv_weights(engine).values())
+    assert ptrs == {n: p.data_ptr() for n, p in engine.components.unet.named_parameters()}
+    engine.unload_lora()
+    _assert_bitwise(engine, base_state)
+    np.testing.assert_array_equal(_image(engine), base)
+    assert graphs.captures == captured
+
+
+def test_compiled_engine_does_not_recompile_across_swaps(paths, pipes, tmp_path):
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        return gm.forward
+
+    f = kohya_file(tmp_path / "k.safetensors", pipes["sd15"], seed=14, conv=True)
+    torch._dynamo.reset()
+    try:
+        eager = Engine.from_pretrained(paths["sd15"])
+        engine = Engine.from_pretrained(paths["sd15"]).compile(backend=counting_backend)
+        base = _image(engine)
+        n = len(compiles)
+        assert n >= 1
+        for scale in (1.0, 0.5):
+            for e in (engine, eager):
+                if e.loras:
+                    e.set_lora_scales({"k": scale})
+                else:
+                    e.load_lora(f, scale=scale)
+            got = _image(engine)
+            np.testing.assert_allclose(got, _image(eager), rtol=0, atol=1e-5)
+            assert np.abs(got - base).max() > 1e-2
+        engine.unload_lora()
+        np.testing.assert_array_equal(_image(engine), base)
+        assert len(compiles) == n, "adapter swaps must not recompile"
+    finally:
+        torch._dynamo.reset()
