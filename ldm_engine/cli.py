@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNet conditioning scale (one, or one per --controlnet; default 1.0)")
     g.add_argument("--scheduler", default=None, help="sampler: euler, euler_a, ddim, ddpm, dpmpp_2m, "
                                                      "dpmpp_2m_karras, lcm, pndm (default: the model's own)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapter (.safetensors, or a folder / cached repo id holding one) at SCALE (default 1); "
+                        "repeat for several")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     g.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
@@ -103,6 +106,11 @@ def _generate(args) -> int:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                         controlnet=controlnet or None, scheduler=args.scheduler,
                                         engine_dir=args.engine_dir)
+    from ldm_engine.loading.lora import parse_lora_spec
+
+    for spec in args.lora:
+        path, scale = parse_lora_spec(spec)
+        engine.load_lora(path, scale=scale)
     if len(args.control_image) != len(engine.controlnets):
         raise ValueError(f"give one --control-image per --controlnet ({len(engine.controlnets)}), "
                          f"got {len(args.control_image)}")
@@ -132,6 +140,8 @@ def _generate(args) -> int:
     print(f"model:   {engine.name}  ({engine.family}{', turbo' if engine.defaults.turbo else ''}; "
           f"{engine.device}, {str(engine.dtype).replace('torch.', '')}, sampler {engine.scheduler})")
     print(f"prompt:  {prompt!r}  seed {result.seed}, {w}x{h}")
+    if engine.loras:
+        print(f"loras:   {', '.join(f'{n} ({s:g})' for n, s in engine.loras.items())}")
     print(f"wrote:   {', '.join(str(p) for p in paths)}")
     print()
     print(format_timings(result.timings))

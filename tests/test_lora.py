@@ -387,3 +387,44 @@ def test_compiled_engine_does_not_recompile_across_swaps(paths, pipes, tmp_path)
         assert len(compiles) == n, "adapter swaps must not recompile"
     finally:
         torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- command lines
+def test_export_bakes_adapters_into_the_networks(paths, pipes, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ldm_engine.export import cli as export_cli
+    from ldm_engine.export.manifest import read_manifest
+    from ldm_engine.export.runtime import load_exported_components
+
+    f = kohya_file(tmp_path / "te.safetensors", pipes["sd15"], seed=15)
+    out = tmp_path / "exp"
+    assert export_cli.main([str(paths["sd15"]), "--out", str(out), "--components", "text_encoder", "--height", "32",
+                            "--width", "32", "--batch", "1", "--lora", f"{f}:0.6", "--quiet"]) == 0
+    assert read_manifest(out)["loras"] == [{"file": str(f), "scale": 0.6}]
+    comps, _ = load_exported_components(out, backend="onnxruntime", device="cpu")
+    engine = Engine.from_pretrained(paths["sd15"])
+    ids = engine.components.tokenizer([PROMPT])
+    with torch.inference_mode():
+        base = engine.components.text_encoder(ids)[0]
+        engine.load_lora(f, scale=0.6)
+        want = engine.components.text_encoder(ids)[0]
+    got = comps.text_encoder(ids)[0]
+    assert (want - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_cli_lora_option(paths, pipes, tmp_path, capsys):
+    from PIL import Image
+
+    from ldm_engine.cli import main
+
+    f = kohya_file(tmp_path / "style.safetensors", pipes["sd15"], seed=16)
+    args = ["generate", "--model", str(paths["sd15"]), "--prompt", PROMPT, "--steps", "2", "--size", "32",
+            "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "base.png")]) == 0
+    assert main(args + ["--lora", f"{f}:0.8", "--out", str(tmp_path / "lora.png")]) == 0
+    assert "style (0.8)" in capsys.readouterr().out
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.float32) for n in ("base.png", "lora.png"))
+    assert np.abs(a - b).max() > 2
+    assert main(args + ["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
