@@ -359,21 +359,22 @@ def detect_single_file_family(shapes: dict[str, Sequence[int]]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # LoRA adapters: kohya-ss / A1111 / ComfyUI (``lora_unet_*`` with dots as underscores, in the
-# diffusers or the ldm/sgm module layout), diffusers / PEFT (``unet.<module>.lora_A.weight``) and
+# diffusers or the ldm/sgm module layout; ComfyUI's ``diffusion_model.<ldm path>``), diffusers / PEFT (``unet.<module>.lora_A.weight``) and
 # diffusers' older savers (``.lora.down.weight``, ``.processor.to_q_lora.down.weight``).
 
 LORA_PREFIXES = (  # longest first: file prefix -> component
     ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
     ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
-    ("lora_unet_", "unet"),
+    ("lora_unet_", "unet"), ("diffusion_model.", "unet"),
 )
 LORA_PARTS = (  # key suffix -> part ("down": the rank x in factor, "up": out x rank, "alpha")
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
     (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"), (".alpha", "alpha"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attention processors: attn1.processor.to_q_lora
 )
 _UNET_TOP_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
-_OLD_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+_OLD_PROCESSOR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
 
 def split_lora_key(key: str) -> tuple[str, str, str] | None:
