@@ -292,9 +292,11 @@ def test_foreign_and_broken_adapters_are_refused_and_change_nothing(paths, pipes
         "shape": {k: (v[:, :-1].contiguous() if k.endswith("to_k.lora_down.weight") else v) for k, v in good.items()},
         "nan": {k: (torch.full_like(v, float("nan")) if k.endswith("to_v.lora_up.weight") else v)
                 for k, v in good.items()},
+        "twice": dict(good, **{"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight":
+                               good["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].clone()}),
     }
     needles = {"unknown": "no_such_layer", "loha": "hada_w1_a", "half": "up factor is missing",
-               "shape": "do not fit", "nan": "non-finite"}
+               "shape": "do not fit", "nan": "non-finite", "twice": "the same down tensor"}
     for case, tensors in bad_cases.items():
         save_file(tensors, str(tmp_path / f"{case}.safetensors"))
         with pytest.raises(CheckpointError, match=needles[case]):
@@ -317,6 +319,14 @@ def test_foreign_and_broken_adapters_are_refused_and_change_nothing(paths, pipes
     assert engine.loras == {"ok": 0.5}
     _assert_bitwise(engine, before_state)
     np.testing.assert_array_equal(_image(engine), before)
+
+
+def test_exported_networks_refuse_adapters(paths):
+    engine = Engine.from_pretrained(paths["sd15"])
+    engine.components.unet = object()  # stands for an exported network's wrapper
+    with pytest.raises(InvalidInputError, match="torch backend"):
+        engine.load_lora("style.safetensors")
+    assert engine.loras == {}
 
 
 def test_random_swap_sequences_end_bitwise_at_base(paths, pipes, tmp_path):

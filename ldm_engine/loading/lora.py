@@ -155,14 +155,18 @@ def read_lora(path_or_repo_id, networks: dict, *, name: str | None = None, devic
             if path_ is None:
                 problems.append(f"{key!r}: no linear or convolution layer {stored!r} in the {component}")
                 continue
-            parts.setdefault((component, path_), {})[part] = (key, stored)
+            found = parts.setdefault((component, path_), {})
+            if part in found:
+                problems.append(f"{key!r}: the same {part} tensor of {component}.{path_} as {found[part][0]!r}")
+                continue
+            found[part] = (key, stored)
         if not parts and not problems:
             problems.append("no LoRA tensors in the file")
 
         layers = {}
         dev = torch.device(device) if device is not None else None
         for (component, mpath), found in parts.items():
-            if problems and len(problems) >= 3:
+            if len(problems) >= 3:
                 break
             missing = [p for p in ("down", "up") if p not in found]
             if missing:
