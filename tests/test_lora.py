@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from loading_fixtures import unet_to_ldm
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_pipelines import tiny_pipeline
 
 from ldm_engine import Engine
@@ -229,8 +229,6 @@ def test_kohya_alpha_scales_the_update(paths, pipes, tmp_path):
     """alpha / rank multiplies the update: alpha = rank / 4 is the same adapter as up factors / 4 without alpha."""
     engine = Engine.from_pretrained(paths["sd15"])
     f = kohya_file(tmp_path / "a.safetensors", pipes["sd15"], seed=12, conv=True, alpha=1.0)
-    from safetensors.torch import load_file
-
     tensors = load_file(str(f))
     same = {k: (v / 4 if k.endswith("lora_up.weight") else v) for k, v in tensors.items() if not k.endswith(".alpha")}
     save_file(same, str(tmp_path / "b.safetensors"))
@@ -244,8 +242,6 @@ def test_kohya_alpha_scales_the_update(paths, pipes, tmp_path):
 def test_older_diffusers_formats_equal_peft(paths, pipes, tmp_path):
     """diffusers' earlier savers: ``.lora.down/.lora.up``, attention-processor ``to_q_lora`` keys and the text
     encoders' ``lora_linear_layer`` (no alphas: folded into the up factors here) give the PEFT file's images."""
-    from safetensors.torch import load_file
-
     engine = Engine.from_pretrained(paths["sd15"])
     folder = peft_folder(tmp_path / "p", pipes["sd15"], seed=17)
     old = {}
@@ -283,7 +279,7 @@ def test_foreign_and_broken_adapters_are_refused_and_change_nothing(paths, pipes
         engine.load_lora(xl)
     assert "lora_" in str(e.value)  # names the offending keys
 
-    good = dict(__import__("safetensors.torch").torch.load_file(str(ok)))
+    good = load_file(str(ok))
     bad_cases = {
         "unknown": dict(good, **{"lora_unet_no_such_layer.lora_down.weight": torch.randn(4, 32),
                                  "lora_unet_no_such_layer.lora_up.weight": torch.randn(32, 4)}),
@@ -469,3 +465,33 @@ def test_cli_lora_option(paths, pipes, tmp_path, capsys):
     assert np.abs(a - b).max() > 2
     assert main(args + ["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- GPU (written, not yet run on one)
+@pytest.mark.cuda
+def test_real_cuda_graphs_follow_adapters_on_gpu(paths, pipes, tmp_path):
+    f = kohya_file(tmp_path / "k.safetensors", pipes["sd15"], seed=18, conv=True)
+    eager = Engine.from_pretrained(paths["sd15"], device="cuda", dtype="fp16")
+    engine = Engine.from_pretrained(paths["sd15"], device="cuda", dtype="fp16").use_channels_last().enable_cuda_graphs()
+    base_state = _state(engine)
+
+    def image(e):
+        lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(100)).to("cuda")
+        return e.generate(PROMPT, seed=0, num_inference_steps=2, guidance_scale=3.0, latents=lat, height=32, width=32,
+                          output_type="np").images
+
+    base = image(engine)
+    comps, _ = engine._networks()
+    captured = list(comps.unet._entries.values())  # the U-Net's captured graphs
+    for e in (engine, eager):
+        e.load_lora(f, scale=0.8)
+    for scale in (0.8, -0.5):
+        for e in (engine, eager):
+            e.set_lora_scales({"k": scale})
+        got = image(engine)
+        np.testing.assert_allclose(got, image(eager), rtol=0, atol=5e-3)
+        assert np.abs(got - base).max() > 1e-2
+    assert list(comps.unet._entries.values()) == captured, "adapter swaps must not capture the U-Net again"
+    engine.unload_lora()
+    _assert_bitwise(engine, {k: v.cuda() for k, v in base_state.items()})
+    np.testing.assert_array_equal(image(engine), base)
