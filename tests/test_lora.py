@@ -68,6 +68,17 @@ def _factors(gen, out_dim, in_shape, rank, kernel=()):
     return down, up
 
 
+def _layers(model):
+    """(name, Linear / Conv2d) of a diffusers / transformers model, also after PEFT wrapped its layers
+    (peft_folder and load_lora_weights leave LoraLayer wrappers around the base layers)."""
+    for name, m in model.named_modules():
+        if ".base_layer" in name or ".lora_" in name:
+            continue
+        m = getattr(m, "base_layer", m)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            yield name, m
+
+
 def kohya_file(path, pipe, *, seed, rank=4, ldm=False, conv=False, text=True, ff=True, alpha=None):
     """A kohya-ss style adapter: attention (+ feed-forward, proj) linears, optional LoCon 3x3 convs
     of the resnets, and the text encoder(s); each layer with an alpha (scale alpha / rank).
@@ -79,7 +90,7 @@ def kohya_file(path, pipe, *, seed, rank=4, ldm=False, conv=False, text=True, ff
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     targets = []
-    for name, m in pipe.unet.named_modules():
+    for name, m in _layers(pipe.unet):
         lin = isinstance(m, torch.nn.Linear) and (name.endswith(ATTN) or (ff and name.endswith(("ff.net.2", "proj_in"))))
         cnv = conv and isinstance(m, torch.nn.Conv2d) and "resnets" in name and name.endswith(("conv1", "conv2"))
         if lin or cnv:
@@ -93,7 +104,7 @@ def kohya_file(path, pipe, *, seed, rank=4, ldm=False, conv=False, text=True, ff
         encoders = [("lora_te", pipe.text_encoder)] if getattr(pipe, "text_encoder_2", None) is None else \
             [("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)]
         for prefix, te in encoders:
-            for name, m in te.named_modules():
+            for name, m in _layers(te):
                 if isinstance(m, torch.nn.Linear) and name.endswith(TE):
                     full = name if name.startswith("text_model.") else "text_model." + name
                     targets.append((prefix, full, m))
@@ -106,6 +117,7 @@ def kohya_file(path, pipe, *, seed, rank=4, ldm=False, conv=False, text=True, ff
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
         tensors[f"{key}.alpha"] = torch.tensor(float(rank / 2 if alpha is None else alpha))
+    assert any("to_q" in n for _, n, _ in targets) and conv == any(isinstance(m, torch.nn.Conv2d) for _, _, m in targets)
     save_file(tensors, str(path))
     return path
 

@@ -119,7 +119,10 @@ class LoraWeights:
             if not active:
                 param.copy_(original, non_blocking=True)   # bitwise the original
             else:
-                w = original.to(device=param.device, dtype=torch.float32, copy=True, non_blocking=True)
+                # upload in the stored dtype (a CPU->GPU copy that also converts may convert on the
+                # host), then to float32 on the device; always a fresh tensor, never the original
+                w = original.to(param.device, non_blocking=True)
+                w = w.to(torch.float32, copy=w is original)
                 flat = w.view(w.shape[0], -1)
                 for layer, s in active:
                     flat.addmm_(layer.up, layer.down, alpha=s * layer.factor)
