@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ldm_engine.loading.lora import parse_lora_spec
+
 from .contracts import NETWORK_KINDS
 from .exporter import EXPORT_DTYPES, FORMATS, ExportOptionError, ExportOptions, export_model
 
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, metavar="PATH",
                    help="a VAE exported instead of the model's (folder, file or cached Hub id; e.g. TAESD / TAESDXL, "
                         "as Engine.from_pretrained(vae=...)); the exported vae_decoder / vae_encoder are then its")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA adapter (.safetensors, or a folder / cached Hub id holding pytorch_lora_weights."
+                        "safetensors) baked into the exported U-Net and text encoders at SCALE (default 1); "
+                        "repeat for several")
     p.add_argument("--device", default="cpu",
                    help="where the model runs while exporting: cpu or cuda (cuda:N). Default: cpu")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer. Default: 17")
@@ -115,7 +121,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
                          width=args.width, dtype=args.dtype, controlnets=tuple(args.controlnet), device=args.device,
                          opset=args.opset, overwrite=args.overwrite, typing=args.typing,
                          workspace_gib=args.workspace, timing_cache=args.timing_cache, verify=args.verify,
-                         progress=not args.quiet, vae=args.vae)
+                         progress=not args.quiet, vae=args.vae,
+                         loras=tuple(parse_lora_spec(s) for s in args.lora))
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,7 @@ class ExportOptions:
     timing_cache: str | None = None                # default: OUT/timing.cache
     verify: bool = False                           # run each ONNX file in ONNX Runtime against torch
     vae: str | None = None                         # a VAE replacing the model's (e.g. TAESD), as Engine's vae=
+    loras: tuple[tuple[str, float], ...] = ()      # LoRA adapters (file, scale) baked into the weights
     progress: bool = True
 
 
@@ -245,6 +246,10 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
             comps.vae = load_vae(o.vae, device=o.device, dtype=torch.float32, family=comps.family)
             check_vae_latent_channels(comps.unet.config, comps.vae)
         controlnets = [load_controlnet(p, device=o.device, dtype=torch.float32) for p in o.controlnets]
+        if o.loras:  # merged in fp32 before anything is hashed or traced
+            from ldm_engine.pipeline.lora import bake_loras
+
+            bake_loras(comps, o.loras)
     profile = make_profile(comps, o)
     _check_model_against_options(comps, controlnets, o, profile)
     # typing="weak": ONNX in fp32, TensorRT gets the precision as builder flags
@@ -266,6 +271,7 @@ def export_model(model: str, out: str | os.PathLike, options: ExportOptions | No
     clean_stale_temporaries(out)
     manifest = new_manifest(source=str(source), source_sha256=pipeline_hash, family=comps.family, fmt=o.fmt,
                             dtype=o.dtype, profile=profile.to_json(), device=str(o.device), opset=o.opset)
+    manifest["loras"] = [{"file": str(f), "scale": s} for f, s in o.loras]
     atomic_write_json(out / MANIFEST, manifest)  # incomplete: nothing loads this directory until the end
 
     _write_side_files(out, comps, controlnets, manifest)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "(default: the model's VAE, or --vae)")
     g.add_argument("--preview-dir", type=Path, default=None, metavar="DIR",
                    help="write a preview PNG after every step: DIR/step-000.png, ...")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapter (.safetensors, or a folder / cached repo id holding one) at SCALE (default 1); "
+                        "repeat for several")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     g.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
@@ -135,6 +138,14 @@ def _generate(args) -> int:
     if len(args.control_image) != len(controlnets) and not unconditional:
         raise ValueError(f"give one --control-image per --controlnet ({len(controlnets)}), "
                          f"got {len(args.control_image)}")
+    if args.lora:
+        if unconditional:
+            raise ValueError("--lora applies to text-to-image models; this one is unconditional")
+        from ldm_engine.loading.lora import parse_lora_spec
+
+        for spec in args.lora:
+            path, scale = parse_lora_spec(spec)
+            engine.load_lora(path, scale=scale)
     control = [_open_image(p) for p in args.control_image]
     scales = args.control_scale or [1.0]
     height, width = args.size if args.size else (None, None)
@@ -168,6 +179,8 @@ def _generate(args) -> int:
     print(f"model:   {engine.name}  ({engine.family}{', turbo' if turbo else ''}; "
           f"{engine.device}, {str(engine.dtype).replace('torch.', '')}, sampler {engine.scheduler})")
     print(f"prompt:  {'(unconditional)' if unconditional else repr(prompt)}  seed {result.seed}, {w}x{h}")
+    if getattr(engine, "loras", None):
+        print(f"loras:   {', '.join(f'{n} ({s:g})' for n, s in engine.loras.items())}")
     print(f"wrote:   {', '.join(str(p) for p in paths)}")
     print()
     print(format_timings(result.timings))

@@ -159,6 +159,7 @@ class Engine:
         self._copy_unet_output = False  # set by compile() in CUDA-graph modes
         self._graphed = None            # (components, controlnets) replayed from CUDA graphs
         self._graph_options = None      # (graphs backend, max_graphs) of enable_cuda_graphs()
+        self._lora_weights = None       # ldm_engine.pipeline.lora.LoraWeights, on the first load_lora()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -322,6 +323,36 @@ class Engine:
             text_encoder_2=None if c.text_encoder_2 is None else wrap(c.text_encoder_2, c.text_encoder_2))
         self._graphed = (comps, [wrap(net, net) for net in self.controlnets])
         self._graph_options = (graphs, max_graphs)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def load_lora(self, path_or_repo_id, *, scale: float = 1.0, name: str | None = None) -> str:
+        """Merges a LoRA adapter (kohya / A1111 / ComfyUI, diffusers / PEFT, LCM-LoRA; a ``.safetensors``
+        file, or a folder / cached repo id holding ``pytorch_lora_weights.safetensors``) into the U-Net
+        and text encoder weights, in place: no cost per step, no recompile, no graph recapture.
+        Several may be active. Returns its name (the file's stem unless ``name``). An adapter that
+        does not fit the model raises CheckpointError and changes nothing. The original weights of
+        touched layers are kept in host memory. See ldm_engine.pipeline.lora."""
+        return self._lora().load(path_or_repo_id, scale=scale, name=name)
+
+    def set_lora_scales(self, scales: dict) -> None:
+        """New scales for loaded adapters, ``{name: scale}`` (0 switches one off)."""
+        self._lora().set_scales(scales)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Removes one adapter, or all (then every weight is bitwise what it was before)."""
+        self._lora().unload(name)
+
+    @property
+    def loras(self) -> dict:
+        """{name: scale} of the loaded LoRA adapters."""
+        return dict(self._lora_weights.scales) if self._lora_weights is not None else {}
+
+    def _lora(self):
+        if self._lora_weights is None:
+            from ldm_engine.pipeline.lora import LoraWeights
+
+            self._lora_weights = LoraWeights.for_components(self.components)
+        return self._lora_weights
 
     def _networks(self):
         """(components, controlnets) that generate() calls: the graphed ones when graphs are on."""

@@ -396,3 +396,78 @@ def detect_single_file_family(shapes: dict[str, Sequence[int]]) -> str:
                          "cross-attention width does not identify the family")
     raise ValueError("no ldm/sgm U-Net (model.diffusion_model.*) or ControlNet (control_model.*) "
                      "keys found; is it a LoRA, an embedding, or a single component?")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters: kohya-ss / A1111 / ComfyUI (``lora_unet_*`` with dots as underscores, in the
+# diffusers or the ldm/sgm module layout; ComfyUI's ``diffusion_model.<ldm path>``), diffusers / PEFT (``unet.<module>.lora_A.weight``) and
+# diffusers' older savers (``.lora.down.weight``, ``.processor.to_q_lora.down.weight``).
+
+LORA_PREFIXES = (  # longest first: file prefix -> component
+    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
+    ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
+    ("lora_unet_", "unet"), ("diffusion_model.", "unet"),
+)
+LORA_PARTS = (  # key suffix -> part ("down": the rank x in factor, "up": out x rank, "alpha")
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"), (".alpha", "alpha"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attention processors: attn1.processor.to_q_lora
+)
+_UNET_TOP_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
+_OLD_PROCESSOR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
+
+def split_lora_key(key: str) -> tuple[str, str, str] | None:
+    """``(component, module name as stored, part)`` of one LoRA tensor key, or None when the key
+    is of no LoRA format read here (LoHa, LoKr, DoRA magnitudes, bias adapters...)."""
+    suffix, part = next(((s, p) for s, p in LORA_PARTS if key.endswith(s)), ("", None))
+    if part is None:
+        return None
+    name = key[:-len(suffix)]
+    prefix, component = next(((p, c) for p, c in LORA_PREFIXES if name.startswith(p)), ("", None))
+    if component is not None:
+        name = name[len(prefix):]
+    elif name.startswith(_UNET_TOP_MODULES):  # diffusers' first saver: U-Net keys without a prefix
+        component = "unet"
+    else:
+        return None
+    head, _, last = name.rpartition(".")
+    if head.endswith(".processor") and last in _OLD_PROCESSOR:  # attention-processor LoRA
+        name = f"{head[:-len('.processor')]}.{_OLD_PROCESSOR[last]}"
+    return component, name, part
+
+
+def invert_module_table(table: ModuleTable, module_paths) -> dict[str, str]:
+    """ldm module path -> diffusers module path for each of ``module_paths`` (diffusers names)
+    that ``table`` (e.g. ``unet_ldm_table(config)``) covers."""
+    by_target = sorted(((new, old, renames) for old, (new, renames) in table.items()),
+                       key=lambda e: -len(e[0]))
+    out = {}
+    for path in module_paths:
+        for new, old, renames in by_target:
+            if path != new and not path.startswith(new + "."):
+                continue
+            rest = path[len(new) + 1:]
+            for ldm_name, diffusers_name in renames.items():
+                if rest == diffusers_name or rest.startswith(diffusers_name + "."):
+                    rest = ldm_name + rest[len(diffusers_name):]
+                    break
+            out[f"{old}.{rest}" if rest else old] = path
+            break
+    return out
+
+
+def lora_module_aliases(module_paths, *, ldm_table: ModuleTable | None = None) -> dict[str, str]:
+    """Every name a LoRA file may give one of ``module_paths`` -> that path: the path itself,
+    kohya's underscored form of it, without a ``text_model.`` prefix (transformers >= 5.6 CLIP),
+    and, with ``ldm_table``, the ldm/sgm path and its underscored form."""
+    paths = list(module_paths)
+    aliases: dict[str, str] = {}
+    pairs = [(p, p) for p in paths] + list((ldm_table and invert_module_table(ldm_table, paths) or {}).items())
+    for name, path in pairs:
+        for alias in (name, name[len("text_model."):] if name.startswith("text_model.") else None):
+            if alias:
+                aliases.setdefault(alias, path)
+                aliases.setdefault(alias.replace(".", "_"), path)
+    return aliases
