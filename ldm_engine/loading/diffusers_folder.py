@@ -15,7 +15,7 @@ from ldm_engine.loading import checkpoint_keys as keys
 from ldm_engine.loading.build import LoadPlan, open_weights, pickle_refusal
 from ldm_engine.loading.components import (
     PAD_TOKENS, Components, assemble, controlnet_factory, default_tokenizer, family_from_unet_config,
-    folder_tokenizer, read_json, text_encoder_factory, unet_factory, vae_factory,
+    folder_tokenizer, read_json, read_scheduler_config, text_encoder_factory, unet_factory, vae_factory,
 )
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers, transformers
@@ -118,7 +118,7 @@ def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dt
         raise CheckpointError(f"{root}: an SDXL pipeline without text_encoder/ (an SDXL refiner?) "
                               "is not supported")
     vae_config = read_json(root / "vae" / "config.json")
-    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    scheduler_config = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
 
     encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
     readers: list = []
