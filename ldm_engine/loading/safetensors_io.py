@@ -92,8 +92,8 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
     for name, entry in header.items():
         try:
             dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_integer(s) for s in _json_list(entry["shape"]))
+            begin, end = (_integer(o) for o in _json_list(entry["data_offsets"]))
         except KeyError as exc:
             if isinstance(entry, dict) and "dtype" in entry and entry["dtype"] not in _DTYPES:
                 raise corrupt(f"tensor {name!r} has unsupported dtype {_short_repr(entry['dtype'])}") from None
@@ -115,6 +115,20 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
                 f"but the file has only {file_size} bytes. Download or convert it again.")
         tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
     return tensors, metadata, data_start
+
+
+def _json_list(value) -> list:
+    if not isinstance(value, list):
+        raise TypeError("not a list")
+    return value
+
+
+def _integer(value) -> int:
+    """A JSON integer (the format's shapes and offsets are unsigned integers: no floats, strings
+    or booleans)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("not an integer")
+    return value
 
 
 def _short_repr(obj, limit: int = 200) -> str:
