@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
-from ldm_engine.pipeline import validation as check
+from ldm_engine.pipeline import finite, validation as check
 from ldm_engine.pipeline.conditioning import encode_prompts
 from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
 from ldm_engine.pipeline.images import expand_batch, parse_image, postprocess
@@ -461,11 +461,14 @@ class Engine:
         if a.output_type == "latent":
             images = x0
         else:
-            decoded = comps.vae.decode((x0 / scale + shift).to(self.vae_dtype))
+            z = (x0 / scale + shift).to(self.vae_dtype)
+            decoded = comps.vae.decode(z)
         m_dec = timer.mark()
         timer.wait(m_dec)
-        if a.output_type != "latent":
-            images = postprocess(decoded, a.output_type)
+        if a.output_type != "latent":  # one NaN / Inf check after the loop (half VAE overflow -> fp32 decode)
+            images = postprocess(finite.checked_decode(decoded, z, self.components.vae), a.output_type)
+        else:
+            finite.check_latents(x0)
 
         timings = {
             "text_encoder": timer.ms(m_text0, m_text1),
