@@ -11,8 +11,10 @@ sees races when there are any.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,18 @@ from ldm_engine import Engine
 from ldm_engine.pipeline.cuda_graphs import RerunGraphs
 
 THREADS = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """8 Python threads on a 2-core machine: torch's own intra-op threads would only oversubscribe it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 PROMPTS = ["a lighthouse on a cliff", "a bowl of ramen, studio light", "an owl in the snow", "red bicycle"]
 
 
@@ -124,3 +138,30 @@ def test_without_the_lock_threads_would_see_each_others_buffers(paths):
     assert _mismatches(run_concurrently(engine, reqs), serial), "no race seen without the lock"
     graphs.lock = threading.RLock()
     assert _mismatches(run_concurrently(engine, reqs), serial) == []
+
+
+# ---------------------------------------------------------------------------------------------- soak
+
+def _soak_module():
+    spec = importlib.util.spec_from_file_location("ldm_soak", ROOT / "benchmarks" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_20s():
+    """benchmarks/soak.py in its CI form: 4 threads x 20 s of mixed requests (text-to-image, img2img,
+    ControlNet, guidance on / off, two sizes) on one graphed engine (RerunGraphs)."""
+    report = _soak_module().soak(threads=4, seconds=20, graphs=True)
+    assert report["errors"] == 0, report["first_errors"]
+    assert report["mismatches"] == 0 and report["calls"] >= 20
+    assert report["rss_growth_mb"] < 20
+
+
+@pytest.mark.cuda
+def test_gpu_soak_memory_flat_with_graphs():
+    """On a GPU: 1,000 calls from 4 threads with CUDA graphs; allocated memory must stay flat."""
+    report = _soak_module().soak(threads=4, calls=1000, device="cuda", graphs=True)
+    assert report["errors"] == 0 and report["mismatches"] == 0, report["first_errors"]
+    assert report["gpu_allocated_growth_mb"] < 8 and report["gpu_reserved_growth_mb"] < 64
+    assert report["rss_growth_mb"] < 50
