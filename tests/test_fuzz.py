@@ -89,6 +89,19 @@ def test_fuzz_safetensors_header_bytes(raw, data):
     _check_header_bytes(raw, data)
 
 
+@pytest.mark.parametrize("shape", [(), (7,), (4, 768, 1)])
+def test_regression_unet_only_single_file_with_a_malformed_cross_attention_weight(shape):
+    """Found while writing the family-detection harness: a U-Net-only single file whose attn2.to_k.weight had an empty shape made
+    family detection fail with IndexError instead of the ValueError the loader turns into a
+    CheckpointError."""
+    from ldm_engine.loading.checkpoint_keys import detect_single_file_family
+
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    with pytest.raises(ValueError, match="cross-attention width"):
+        detect_single_file_family({key: shape})
+    assert detect_single_file_family({key: (320, 768)}) == "sd1"
+
+
 def test_fuzz_header_length_field():
     for n in (0, 1, 7, 2**63, 2**64 - 1, 100 * 1024 * 1024 + 1):
         head = struct.pack("<Q", n) + b"{}"
@@ -155,6 +168,28 @@ def _apply(shapes: dict, mutations) -> dict:
         elif op == "rename" and key in shapes:
             shapes[arg] = shapes.pop(key)
     return shapes
+
+
+_PREFIXES = ["model.diffusion_model.", "control_model.", "cond_stage_model.transformer.", "cond_stage_model.model.",
+             "conditioner.embedders.0.transformer.", "conditioner.embedders.0.model.", "conditioner.embedders.1.model.",
+             "first_stage_model.", "", "model_ema."]
+_SUFFIXES = ["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "label_emb.0.0.weight", "input_hint_block.0.weight",
+             "weight", "x.y"]
+
+
+@fuzz_settings(300)
+@given(st.dictionaries(
+    st.tuples(st.sampled_from(_PREFIXES), st.sampled_from(_SUFFIXES) | st.text(max_size=10)).map("".join),
+    st.lists(st.integers(0, 2048), max_size=4).map(tuple) | st.sampled_from([(320, 768), (320, 1024), (7,), ()]),
+    max_size=6))
+def test_fuzz_single_file_family_detection(shapes):
+    from ldm_engine.loading.checkpoint_keys import detect_single_file_family
+
+    try:
+        family = detect_single_file_family(shapes)
+    except ValueError:
+        return
+    assert family in ("sd1", "sd2", "sdxl", "controlnet")
 
 
 def test_fuzz_single_file_detection_and_mapping(single_file_template, monkeypatch):
