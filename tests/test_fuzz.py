@@ -192,6 +192,20 @@ def test_fuzz_single_file_family_detection(shapes):
     assert family in ("sd1", "sd2", "sdxl", "controlnet")
 
 
+@fuzz_settings(200)
+@given(st.dictionaries(
+    st.tuples(st.sampled_from(["control_model.", ""]), st.sampled_from(_SUFFIXES) | st.text(max_size=10)).map("".join),
+    st.lists(st.integers(0, 2048), max_size=4).map(tuple) | st.sampled_from([(320, 1024), ()]), max_size=5),
+    st.sampled_from(["control_model.", ""]))
+@example({"control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ()}, "control_model.")
+def test_fuzz_controlnet_default_config(shapes, prefix):
+    """Regression (sibling of the family-detection crash): an empty attn2.to_k.weight shape raised IndexError."""
+    from ldm_engine.loading.single_file import _controlnet_default_config
+
+    config = _controlnet_default_config(shapes, prefix)
+    assert isinstance(config, dict) and "block_out_channels" in config
+
+
 def test_fuzz_single_file_detection_and_mapping(single_file_template, monkeypatch):
     from ldm_engine.loading import load_pipeline
     from ldm_engine.loading import single_file

@@ -146,7 +146,7 @@ def _controlnet_default_config(shapes: dict, prefix: str) -> dict:
     config = default_config(SINGLE_FILE_DEFAULTS["controlnet-sdxl" if sdxl else "controlnet-sd1"], "config.json")
     if not sdxl:
         k = keys.first_key_with_suffix(shapes, prefix, "attn2.to_k.weight")
-        if k is not None and shapes[k][-1] == 1024:  # an SD2.x ControlNet: SD2's attention layout
+        if k is not None and tuple(shapes[k])[-1:] == (1024,):  # an SD2.x ControlNet: SD2's attention layout
             sd2 = default_config(SINGLE_FILE_DEFAULTS["sd2"], "unet.json")
             for name in ("cross_attention_dim", "attention_head_dim", "use_linear_projection"):
                 config[name] = sd2[name]
