@@ -104,7 +104,12 @@ def _text_encoder_has_projection(model_index: dict, name: str, folder: Path, con
     entry = model_index.get(name)
     if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
         return entry[1] == "CLIPTextModelWithProjection"
-    return "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+    return _lists_projection(config)
+
+
+def _lists_projection(config: dict) -> bool:
+    architectures = config.get("architectures")
+    return isinstance(architectures, list) and "CLIPTextModelWithProjection" in architectures
 
 
 def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dtype,
@@ -172,7 +177,7 @@ def load_diffusers_component(folder: Path, kind: str, *, device: torch.device, d
     "vae", "controlnet" or "text_encoder" (projection if the config says CLIPTextModelWithProjection)."""
     config = read_json(folder / "config.json")
     if kind == "text_encoder":
-        projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+        projection = _lists_projection(config)
         factory, mapper = text_encoder_factory(config, str(folder), with_projection=projection), keys.clip_key
     elif kind in _COMPONENT_KINDS:
         make, mapper = _COMPONENT_KINDS[kind]
