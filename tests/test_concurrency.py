@@ -165,3 +165,35 @@ def test_gpu_soak_memory_flat_with_graphs():
     assert report["errors"] == 0 and report["mismatches"] == 0, report["first_errors"]
     assert report["gpu_allocated_growth_mb"] < 8 and report["gpu_reserved_growth_mb"] < 64
     assert report["rss_growth_mb"] < 50
+
+
+@pytest.mark.parametrize("graph_mode", [False, True])
+def test_compile_graph_modes_serialise_generate(paths, monkeypatch, graph_mode):
+    """compile(mode="reduce-overhead" / "max-autotune") sets _copy_unet_output; torch.compile's own
+    CUDA graphs overwrite their outputs on the next replay, so whole generate() calls take turns then
+    (and only then)."""
+    sd, _ = paths
+    engine = Engine.from_pretrained(sd)
+    engine._copy_unet_output = graph_mode
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def run(args, t_start):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+
+    monkeypatch.setattr(engine, "_run", run)
+    threads = [threading.Thread(target=engine.generate, args=("a cat",), kwargs=dict(num_inference_steps=1))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if graph_mode:
+        assert state["max"] == 1
+    else:
+        assert state["max"] > 1
