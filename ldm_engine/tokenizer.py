@@ -106,6 +106,16 @@ def _parse_vocab_and_merges(vocab_key: tuple, merges_key: tuple):
     return vocab, merges
 
 
+def _check_utf8(text: str, name: str) -> None:
+    """The tokenizers library takes only text encodable as UTF-8; a lone surrogate ("\\ud800")
+    made it raise an unrelated TypeError (found by tests/test_fuzz.py)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text: it holds a lone surrogate {text[e.start]!r} "
+                         f"at position {e.start}") from None
+
+
 def _check_vocab_and_merges(vocab, merges) -> None:
     """What the tokenizers library assumes without checking (it panics otherwise): ids are
     non-negative 32-bit ints, and both halves of every merge and their concatenation are tokens."""
@@ -284,6 +294,7 @@ class CLIPTokenizer:
         """Ids of ``text``: bos + tokens + eos (no padding, no truncation)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_utf8(text, "text")
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
@@ -307,6 +318,8 @@ class CLIPTokenizer:
                     raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
         else:
             raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+        for i, p in enumerate(prompts):
+            _check_utf8(p, f"prompts[{i}]")
 
         length = self.model_max_length
         out = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)

@@ -5,7 +5,7 @@ Each harness states what may happen: a result, or one of the project's ValueErro
 (CheckpointError ...), or argparse's exit -- never another exception, a hang or a crash. The
 default run is bounded (about 40 s in all on a 2-core CI machine); ``LDM_FUZZ_SCALE=K`` runs K times
 as many examples per harness, randomised instead of derandomised (the long run, recorded in
-benchmarks/results/2026-12-02-fuzz.md). Every crash
+benchmarks/results/2026-12-02-cpu-reliability.md). Every crash
 found became a regression test: the ``@example`` lines below and tests/test_hostile_files.py.
 """
 
@@ -247,18 +247,42 @@ def tokenizers():
 
 @pytest.mark.filterwarnings("ignore:CLIP can only handle")
 @fuzz_settings(300)
-@given(st.text(max_size=300) | st.lists(st.characters(), max_size=300).map("".join))
+@given(st.text(max_size=300) | st.lists(st.characters(), max_size=300).map("".join)
+       | st.lists(st.characters(codec=None, exclude_categories=()), max_size=50).map("".join))
 @example("\u0130" * 100)                 # lower-cases to two code points
 @example("<|endoftext|>" * 80)
 @example("\x00\ud7ff\ufeff\u200b\U0010ffff")
 @example("!" * 500)
+@example("a \ud800 b")                    # a lone surrogate: found by the long run (TypeError from tokenizers)
 def test_fuzz_tokenizer_unicode(tokenizers, text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: not text; a ValueError naming the problem
+        for tok in tokenizers:
+            with pytest.raises(ValueError, match="lone surrogate"):
+                tok([text])
+            with pytest.raises(ValueError, match="lone surrogate"):
+                tok.encode(text)
+        return
     for tok in tokenizers:
         ids = tok([text, text[::-1]])
         assert ids.dtype == torch.long and ids.shape == (2, tok.model_max_length)
         assert int(ids.min()) >= 0 and int(ids.max()) < tok.vocab_size
         assert ids[0, 0].item() == tok.bos_token_id
         tok.decode(tok.encode(text))
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_regression_lone_surrogate_prompt_is_an_input_error(field):
+    """Found by the long fuzz run: generate("\\ud800") failed inside the tokenizers library with a
+    TypeError; it is now an InvalidInputError before any network runs."""
+    from ldm_engine.errors import InvalidInputError
+    from ldm_engine.pipeline.demo import build_tiny_engine
+
+    engine = build_tiny_engine()
+    kw = {"prompt": "a cat", "negative_prompt": None, field: ["ok", "bad \udfff"] if field == "prompt" else "\ud800"}
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        engine.generate(kw.pop("prompt"), guidance_scale=2.0, num_inference_steps=1, height=32, width=32, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- command lines
