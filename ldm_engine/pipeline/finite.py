@@ -35,8 +35,11 @@ def fp32_copy(vae: torch.nn.Module) -> torch.nn.Module:
     with _lock:
         twin = _fp32_vaes.get(vae)
         if twin is None:
-            twin = copy.deepcopy(vae).to(torch.float32)
-            twin.__dict__.pop("decode", None)  # compile() stores the compiled decode on the instance
+            # compile() stores the compiled decode on the instance: not copied (memo maps it to None)
+            compiled = vae.__dict__.get("decode")
+            memo = {id(compiled): None} if compiled is not None else {}
+            twin = copy.deepcopy(vae, memo).to(torch.float32)
+            twin.__dict__.pop("decode", None)
             _fp32_vaes[vae] = twin
         return twin
 
