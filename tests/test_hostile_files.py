@@ -311,3 +311,14 @@ def test_single_file_with_a_bad_metadata_and_a_truncated_tensor(tmp_path):
     path.write_bytes(data[:-10])
     with pytest.raises(CheckpointError, match="truncated"):
         load_pipeline(path)
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", ["a"], 5, ""])
+def test_sharded_index_names_only_files_next_to_it(sd, tmp_path, shard):
+    folder = copy_of(sd, tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"conv_in.weight": shard}}))
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+        load_pipeline(folder)

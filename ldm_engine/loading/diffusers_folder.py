@@ -32,7 +32,13 @@ def _index_shards(index_path: Path) -> list[Path]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: sharded-weights index has no weight_map")
-    shards = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    names = list(weight_map.values())
+    bad = next((n for n in names if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n), None)
+    if any(not isinstance(n, str) for n in names) or bad is not None:
+        # shards are files next to the index: no other types, no paths (e.g. "../../elsewhere")
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names in the "
+                              f"same folder, got {str(bad)[:100]!r}")
+    shards = [index_path.parent / name for name in dict.fromkeys(names)]
     absent = [s.name for s in shards if not s.is_file()]
     if absent:
         raise CheckpointError(f"{index_path}: the index lists shard files that are missing: "
