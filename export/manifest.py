@@ -193,13 +193,53 @@ def read_manifest(directory: str | os.PathLike, *, require_complete=True) -> dic
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ExportDirError(f"{path} is unreadable or corrupt ({e}); export again") from e
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportDirError(f"{path}: unsupported manifest format {manifest.get('format_version')!r} "
+    except RecursionError:
+        raise ExportDirError(f"{path} is corrupt (JSON nested too deeply); export again") from None
+    if not isinstance(manifest, dict):
+        raise ExportDirError(f"{path} is corrupt (not a JSON object); export again")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportDirError(f"{path}: unsupported manifest format {str(manifest.get('format_version'))[:40]!r} "
                              f"(this ldm_engine reads version {FORMAT_VERSION}); export again")
-    if require_complete and not manifest.get("complete"):
+    if require_complete and manifest.get("complete") is not True:
         raise ExportDirError(f"{str(directory)!r} holds an incomplete export (interrupted or failed); run the "
                              f"export again")
+    _check_structure(path, manifest)
     return manifest
+
+
+def _check_structure(path: Path, manifest: dict) -> None:
+    """The fields the loader indexes, with the types it expects (a tampered or hand-edited manifest
+    gives an ExportDirError, not a KeyError / TypeError deep in the runtime)."""
+    def bad(why: str) -> ExportDirError:
+        return ExportDirError(f"{path} is corrupt ({why}); export again")
+
+    source = manifest.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("path"), str):
+        raise bad("'source' must be an object with a 'path'")
+    for key in ("family", "format"):
+        if not isinstance(manifest.get(key), str):
+            raise bad(f"{key!r} must be a string")
+    if not isinstance(manifest.get("profile"), dict):
+        raise bad("'profile' must be an object")
+    networks, files = manifest.get("networks"), manifest.get("files")
+    if not isinstance(networks, dict) or not all(isinstance(v, dict) for v in networks.values()):
+        raise bad("'networks' must map names to objects")
+    controlnets = manifest.get("controlnets", [])
+    if not isinstance(controlnets, list) or not all(isinstance(c, str) and c in networks for c in controlnets):
+        raise bad("'controlnets' must list names of exported networks")
+    if not isinstance(files, dict):
+        raise bad("'files' must be an object")
+    for rel, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and not isinstance(info["size"], bool)
+                and isinstance(info.get("sha256"), str)):
+            raise bad(f"entry {rel[:100]!r} of 'files' needs an int 'size' and a str 'sha256'")
+        if rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
+            raise bad(f"'files' names a path outside the directory ({rel[:100]!r})")
+    for name, entry in networks.items():
+        for key in ("onnx", "onnx_data"):
+            rel = entry.get(key)
+            if rel is not None and rel != "" and (not isinstance(rel, str) or rel not in files):
+                raise bad(f"network {name[:60]!r}: its {key} file is not listed in 'files'")
 
 
 def verify_files(directory: str | os.PathLike, manifest: dict, *, relpaths=None, full_hash=False):

@@ -296,9 +296,14 @@ class ExportedVAE(_Wrapper):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ExportDirError(f"{path} is missing or unreadable ({e}); export again") from e
+    except RecursionError:
+        raise ExportDirError(f"{path} is corrupt (JSON nested too deeply); export again") from None
+    if not isinstance(data, dict):
+        raise ExportDirError(f"{path} is corrupt (not a JSON object); export again")
+    return data
 
 
 def load_config(engine_dir: Path, kind: str, name: str):
@@ -316,7 +321,10 @@ def load_config(engine_dir: Path, kind: str, name: str):
         from ldm_engine.models.controlnet import ControlNetConfig as cls
     else:
         raise ValueError(kind)
-    return cls.from_dict(data)
+    try:
+        return cls.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ExportDirError(f"{engine_dir / 'configs' / f'{name}.json'}: unusable config ({e}); export again") from None
 
 
 def _session(engine_dir: Path, manifest: dict, network: str, backend: str, device: torch.device) -> _Session:
@@ -380,6 +388,11 @@ def load_exported_components(engine_dir: str | os.PathLike, *, backend: str = "o
     tok = load_tokenizer(engine_dir, "tokenizer")
     tok2 = load_tokenizer(engine_dir, "tokenizer_2") if te2 is not None else None
     scheduler_config = _read_json(engine_dir / "configs" / "scheduler_config.json")
+    try:
+        from ldm_engine.samplers import check_scheduler_config
+        check_scheduler_config(scheduler_config)
+    except ValueError as e:
+        raise ExportDirError(f"{engine_dir / 'configs' / 'scheduler_config.json'}: {e}; export again") from None
 
     from ldm_engine.loading import Components
 

@@ -17,8 +17,10 @@ The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
-from ldm_engine.pipeline import inpaint, preview
+from ldm_engine.pipeline import finite, inpaint, preview
 from ldm_engine.pipeline import validation as check
 from ldm_engine.pipeline.conditioning import encode_prompts
 from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
@@ -113,7 +115,19 @@ def _module_dtype(module, fallback: torch.dtype) -> torch.dtype:
 
 
 class Engine:
-    """Holds the loaded networks; ``generate()`` runs the whole pipeline. Build with from_pretrained()."""
+    """Holds the loaded networks; ``generate()`` runs the whole pipeline. Build with from_pretrained().
+
+    Thread safety: one Engine may serve any number of threads calling ``generate()`` at once; each
+    call gives the image it would give alone (tests/test_concurrency.py). Eager calls share only
+    read-only weights and run fully in parallel. With ``enable_cuda_graphs()`` each network call
+    holds the graphs' lock from copying its inputs in to cloning its outputs out (graphs have static
+    buffers and share one memory pool), so network calls of different threads take turns while the
+    rest overlaps. After ``compile(mode="reduce-overhead" / "max-autotune")`` (graphs managed by
+    torch.compile, whose outputs the next replay overwrites) whole ``generate()`` calls take turns.
+    Configure first, then share: ``compile()``, ``enable_cuda_graphs()`` / ``disable_cuda_graphs()``,
+    ``use_channels_last()`` and assigning ``scheduler`` must not run while other threads generate.
+    An exception or KeyboardInterrupt inside ``generate()`` leaves the engine usable.
+    """
 
     def __init__(self, components, controlnets: Sequence = (), *, device=None, dtype=None,
                  scheduler: str | None = None, name: str | None = None, model_index: dict | None = None,
@@ -160,6 +174,7 @@ class Engine:
         self._graphed = None            # (components, controlnets) replayed from CUDA graphs
         self._graph_options = None      # (graphs backend, max_graphs) of enable_cuda_graphs()
         self._lora_weights = None       # ldm_engine.pipeline.lora.LoraWeights, on the first load_lora()
+        self._compiled_graphs_lock = threading.Lock()  # generate() calls take turns in compile graph modes
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -398,7 +413,8 @@ class Engine:
                                 seed, latents, image, strength, control_image, controlnet_conditioning_scale,
                                 num_images_per_prompt, output_type, mask_image)
         args.callback = check_callback(callback)
-        with torch.inference_mode():
+        serial = self._compiled_graphs_lock if self._copy_unet_output else contextlib.nullcontext()
+        with serial, torch.inference_mode():
             return self._run(args, t_start)
 
     def _check_args(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, seed,
@@ -549,11 +565,14 @@ class Engine:
         if a.output_type == "latent":
             images = x0
         else:
-            decoded = comps.vae.decode((x0 / scale + shift).to(self.vae_dtype))
+            z = (x0 / scale + shift).to(self.vae_dtype)
+            decoded = comps.vae.decode(z)
         m_dec = timer.mark()
         timer.wait(m_dec)
-        if a.output_type != "latent":
-            images = postprocess(decoded, a.output_type)
+        if a.output_type != "latent":  # one NaN / Inf check after the loop (half VAE overflow -> fp32 decode)
+            images = postprocess(finite.checked_decode(decoded, z, self.components.vae), a.output_type)
+        else:
+            finite.check_latents(x0)
 
         timings = {
             "text_encoder": timer.ms(m_text0, m_text1),

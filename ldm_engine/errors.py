@@ -12,3 +12,7 @@ class InvalidInputError(ValueError):
 
 class BackendUnavailableError(ValueError):
     """A requested backend (triton, cuda, onnxruntime, tensorrt) is not available here."""
+
+
+class NonFiniteOutputError(ValueError):
+    """A generation produced NaN / Inf values that could not be recovered; the message names the stage."""

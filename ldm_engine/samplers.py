@@ -238,6 +238,35 @@ def _advance_plms(s: Schedule, c: _Plms, x, out, noise, state):
 # --------------------------------------------------------------------------------------------------
 # Config handling
 
+MAX_TRAIN_TIMESTEPS = 100_000  # diffusers' models use 1000; tables of this length are allocated
+
+
+def check_scheduler_config(cfg) -> None:
+    """ValueError when a scheduler_config.json's numbers are of the wrong type or out of range:
+    called when a pipeline is loaded, before any table is allocated from them. (The class name is
+    checked later: a pipeline with an unsupported scheduler may still run with another sampler.)"""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"scheduler_config must be a JSON object, got {type(cfg).__name__}")
+
+    def number(key, lo, hi, *, integer=False):
+        v = cfg.get(key)
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if v is not None and (not ok or isinstance(v, bool) or not lo <= v <= hi):
+            raise ValueError(f"scheduler_config: {key} must be {'an int' if integer else 'a number'} "
+                             f"in [{lo}, {hi}], got {str(v)[:60]}")
+
+    number("num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS, integer=True)
+    n = cfg.get("num_train_timesteps", 1000)
+    number("steps_offset", 0, n - 1, integer=True)
+    number("original_inference_steps", 1, n, integer=True)
+    for key in ("beta_start", "beta_end"):
+        number(key, 0.0, 1.0)
+    betas = cfg.get("trained_betas")
+    if betas is not None and not (isinstance(betas, list) and len(betas) == n and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"scheduler_config: trained_betas must be None or num_train_timesteps ({n}) numbers "
+                         "in [0, 1)")
+
 
 def _resolve_config(name: str, cfg: dict) -> SimpleNamespace:
     if not isinstance(cfg, dict):

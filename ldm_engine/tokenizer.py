@@ -59,17 +59,44 @@ def _find_file(path: str | Path) -> Path:
     raise FileNotFoundError(f"tokenizer file not found: {path}")
 
 
-@lru_cache(maxsize=4)
+def _file_key(path: Path) -> tuple:
+    """(path, mtime, size, inode): a file replaced or rewritten on disk gets a new key."""
+    st = path.stat()
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def _load_vocab_and_merges(vocab_path: Path, merges_path: Path):
-    """Parses vocab.json and merges.txt (cached: the shipped files are read once per process)."""
+    """Parses vocab.json and merges.txt, cached by path *and* modification time, size and inode, so
+    the shipped files are read once per process but a file replaced on disk is read again."""
+    return _parse_vocab_and_merges(_file_key(vocab_path), _file_key(merges_path))
+
+
+def loads_json(text: str, source) -> object:
+    """json.loads, with JSON nested too deeply for the parser (RecursionError) as a ValueError."""
     try:
-        vocab = json.loads(_read_text(vocab_path))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{vocab_path} is not valid JSON: {e}") from None
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{source} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{source}: JSON nested too deeply") from None
+
+
+@lru_cache(maxsize=4)
+def _parse_vocab_and_merges(vocab_key: tuple, merges_key: tuple):
+    vocab_path, merges_path = vocab_key[0], merges_key[0]
+    try:
+        text = _read_text(vocab_path)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{vocab_path} is not a UTF-8 text file: {e}") from None
+    vocab = loads_json(text, vocab_path)
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
         raise ValueError(f"{vocab_path} must map token strings to integer ids")
     merges = []
-    for line_no, line in enumerate(_read_text(merges_path).split("\n"), 1):
+    try:
+        merges_text = _read_text(merges_path)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{merges_path} is not a UTF-8 text file: {e}") from None
+    for line_no, line in enumerate(merges_text.split("\n"), 1):
         if not line or (line_no == 1 and line.startswith("#version")):
             continue
         pair = line.split(" ")
@@ -77,6 +104,31 @@ def _load_vocab_and_merges(vocab_path: Path, merges_path: Path):
             raise ValueError(f"{merges_path}:{line_no}: expected two symbols separated by a space, got {line!r}")
         merges.append((pair[0], pair[1]))
     return vocab, merges
+
+
+def _check_utf8(text: str, name: str) -> None:
+    """The tokenizers library takes only text encodable as UTF-8; a lone surrogate ("\\ud800")
+    made it raise an unrelated TypeError (found by tests/test_fuzz.py)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text: it holds a lone surrogate {text[e.start]!r} "
+                         f"at position {e.start}") from None
+
+
+def _check_vocab_and_merges(vocab, merges) -> None:
+    """What the tokenizers library assumes without checking (it panics otherwise): ids are
+    non-negative 32-bit ints, and both halves of every merge and their concatenation are tokens."""
+    if not isinstance(vocab, dict) or not all(
+            isinstance(t, str) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31
+            for t, i in vocab.items()):
+        raise ValueError("the vocabulary must map token strings to integer ids (0 <= id < 2**31)")
+    for n, pair in enumerate(merges, 1):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise ValueError(f"merge {n} is not a pair of strings: {str(pair)[:100]}")
+        a, b = pair
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise ValueError(f"merge {n} ({a!r} + {b!r})"[:200] + " uses or makes a token that is not in the vocabulary")
 
 
 def _token_content(value, name: str) -> str | None:
@@ -111,8 +163,13 @@ class CLIPTokenizer:
             if token not in vocab:
                 raise ValueError(f"{name} {token!r} is not in the vocabulary")
 
-        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk_token,
-                                  continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
+        _check_vocab_and_merges(vocab, merges)
+        try:
+            bpe = BPE(vocab=vocab, merges=merges, unk_token=unk_token, continuing_subword_prefix="",
+                      end_of_word_suffix="</w>", fuse_unk=False)
+        except Exception as e:  # the tokenizers library's errors are plain Exceptions
+            raise ValueError(f"invalid BPE vocabulary / merges: {e}") from None
+        tokenizer = Tokenizer(bpe)
         tokenizer.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         # ByteLevel's own GPT-2 split (use_regex) changes one case only, as in transformers: a
@@ -200,9 +257,9 @@ class CLIPTokenizer:
             if not path.is_file():
                 continue
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+                data = loads_json(path.read_text(encoding="utf-8"), path)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not a UTF-8 text file: {e}") from None
             if not isinstance(data, dict):
                 raise ValueError(f"{path} must hold a JSON object")
             if name == "added_tokens.json":  # older format: {content: id}
@@ -237,6 +294,7 @@ class CLIPTokenizer:
         """Ids of ``text``: bos + tokens + eos (no padding, no truncation)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_utf8(text, "text")
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
@@ -260,6 +318,8 @@ class CLIPTokenizer:
                     raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
         else:
             raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+        for i, p in enumerate(prompts):
+            _check_utf8(p, f"prompts[{i}]")
 
         length = self.model_max_length
         out = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)

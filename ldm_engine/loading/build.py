@@ -222,26 +222,25 @@ def raise_mismatches(mismatches: Sequence[Mismatch], *, hint: str = "") -> None:
 
 @contextlib.contextmanager
 def parameters_on_meta():
-    """Build modules with their parameters on the meta device (no memory, no init cost) while
-    buffers are created normally: buffers a model computes in __init__ (position ids, frequency
-    tables) keep real values, which a plain ``torch.device("meta")`` context would lose."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
+    """Build modules entirely on the meta device: no memory, no init cost, and nothing allocated
+    from a config's sizes before they are compared with the weights (a config claiming a million
+    channels must give a CheckpointError, not an attempt to allocate terabytes). Buffers are on
+    meta too: models must not compute buffers in __init__ (ours compute such tables in forward); a
+    meta buffer the checkpoint does not provide is reported as missing. ``torch.device`` as a
+    context is thread-local, so concurrent loads in other threads are unaffected."""
+    with torch.device("meta"):
         yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
+    """The model of ``factory`` with its tensors on the meta device (see parameters_on_meta)."""
     with parameters_on_meta():
-        return factory()
+        model = factory()
+    for module in model.modules():  # a tensor created with an explicit device escapes the context
+        for name, p in module._parameters.items():
+            if p is not None and not p.is_meta:
+                module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+    return model
 
 
 def materialize(model: nn.Module, plan: LoadPlan, *, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -386,7 +386,7 @@ def detect_single_file_family(shapes: dict[str, Sequence[int]]) -> str:
         return "sd1"
     if has_unet:  # no text encoder stored: the cross-attention width tells the family
         k = first_key_with_suffix(keys, UNET_PREFIX, "attn2.to_k.weight")
-        if k is not None:
+        if k is not None and len(shapes[k]) == 2:  # a [out, width] linear weight; anything else is corrupt
             width = shapes[k][-1]
             if width == 768:
                 return "sd1"

@@ -42,8 +42,24 @@ def read_json(path: Path, what: str = "config") -> dict:
         raise CheckpointError(f"{path}: {what} file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: {what} file is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} file is JSON nested too deeply") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the {what} file: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: {what} file must hold a JSON object")
+    return data
+
+
+def read_scheduler_config(path: Path) -> dict:
+    """scheduler_config.json, its numbers checked (ldm_engine.samplers.check_scheduler_config)."""
+    from ldm_engine.samplers import check_scheduler_config
+
+    data = read_json(path, "scheduler config")
+    try:
+        check_scheduler_config(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return data
 
 
@@ -108,7 +124,16 @@ def assemble(specs: dict[str, tuple[Callable[[], nn.Module], LoadPlan]], *, dtyp
     """Build every component on the meta device, check all plans (one error for all
     mismatches), then read the weights. Closes ``readers`` in every case."""
     try:
-        models = {name: build_empty(factory) for name, (factory, _) in specs.items()}
+        models = {}
+        for name, (factory, plan) in specs.items():
+            try:
+                models[name] = build_empty(factory)
+            except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+                # a config whose values are of the wrong type or out of range (it is built on meta:
+                # no memory is allocated whatever the sizes)
+                where = ", ".join(str(s) for s in plan.sources) or plan.component
+                raise CheckpointError(f"{where}: cannot build the {name} its config describes: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}") from None
         raise_mismatches([check_plan(plan, models[name]) for name, (_, plan) in specs.items()], hint=hint)
         for name, (_, plan) in specs.items():
             materialize(models[name], plan, dtype=dtype, device=device)

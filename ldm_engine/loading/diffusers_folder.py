@@ -15,7 +15,7 @@ from ldm_engine.loading import checkpoint_keys as keys
 from ldm_engine.loading.build import LoadPlan, open_weights, pickle_refusal
 from ldm_engine.loading.components import (
     PAD_TOKENS, Components, assemble, controlnet_factory, default_tokenizer, family_from_unet_config,
-    folder_tokenizer, read_json, text_encoder_factory, unet_factory, vae_factory,
+    folder_tokenizer, read_json, read_scheduler_config, text_encoder_factory, unet_factory, vae_factory,
 )
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers, transformers
@@ -32,7 +32,13 @@ def _index_shards(index_path: Path) -> list[Path]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: sharded-weights index has no weight_map")
-    shards = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    names = list(weight_map.values())
+    bad = next((n for n in names if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n), None)
+    if any(not isinstance(n, str) for n in names) or bad is not None:
+        # shards are files next to the index: no other types, no paths (e.g. "../../elsewhere")
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names in the "
+                              f"same folder, got {str(bad)[:100]!r}")
+    shards = [index_path.parent / name for name in dict.fromkeys(names)]
     absent = [s.name for s in shards if not s.is_file()]
     if absent:
         raise CheckpointError(f"{index_path}: the index lists shard files that are missing: "
@@ -104,7 +110,12 @@ def _text_encoder_has_projection(model_index: dict, name: str, folder: Path, con
     entry = model_index.get(name)
     if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
         return entry[1] == "CLIPTextModelWithProjection"
-    return "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+    return _lists_projection(config)
+
+
+def _lists_projection(config: dict) -> bool:
+    architectures = config.get("architectures")
+    return isinstance(architectures, list) and "CLIPTextModelWithProjection" in architectures
 
 
 def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dtype,
@@ -118,7 +129,7 @@ def load_diffusers_pipeline(root: Path, *, device: torch.device, dtype: torch.dt
         raise CheckpointError(f"{root}: an SDXL pipeline without text_encoder/ (an SDXL refiner?) "
                               "is not supported")
     vae_config = read_json(root / "vae" / "config.json")
-    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    scheduler_config = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
 
     encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
     readers: list = []
@@ -172,7 +183,7 @@ def load_diffusers_component(folder: Path, kind: str, *, device: torch.device, d
     "vae", "controlnet" or "text_encoder" (projection if the config says CLIPTextModelWithProjection)."""
     config = read_json(folder / "config.json")
     if kind == "text_encoder":
-        projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+        projection = _lists_projection(config)
         factory, mapper = text_encoder_factory(config, str(folder), with_projection=projection), keys.clip_key
     elif kind in _COMPONENT_KINDS:
         make, mapper = _COMPONENT_KINDS[kind]

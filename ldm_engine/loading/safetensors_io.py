@@ -73,32 +73,41 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise corrupt(f"header is not valid JSON: {exc}") from None
+    except RecursionError:  # valid JSON nested thousands of levels deep: no real header is
+        raise corrupt("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
 
     data_start = 8 + header_len
     data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        # The format defines __metadata__ as a map of strings to strings.
+        bad = (type(metadata).__name__ if not isinstance(metadata, dict) else next(
+            f"{type(v).__name__} for {k!r}"[:200] for k, v in metadata.items() if not isinstance(v, str)))
+        raise corrupt(f"__metadata__ must map strings to strings, got {bad}")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
             dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_integer(s) for s in _json_list(entry["shape"]))
+            begin, end = (_integer(o) for o in _json_list(entry["data_offsets"]))
         except KeyError as exc:
             if isinstance(entry, dict) and "dtype" in entry and entry["dtype"] not in _DTYPES:
-                raise corrupt(f"tensor {name!r} has unsupported dtype {entry['dtype']!r}") from None
+                raise corrupt(f"tensor {name!r} has unsupported dtype {_short_repr(entry['dtype'])}") from None
             raise corrupt(f"tensor {name!r} entry lacks {exc}") from None
-        except (TypeError, ValueError):
-            raise corrupt(f"tensor {name!r} has a malformed entry: {entry!r}"[:300]) from None
+        except (TypeError, ValueError, OverflowError):
+            raise corrupt(f"tensor {name!r}"[:200] + f" has a malformed entry: {_short_repr(entry)}") from None
         numel = 1
         for s in shape:
             if s < 0:
-                raise corrupt(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
+                raise corrupt(f"tensor {name!r} has a negative dimension in shape {_short_repr(list(shape))}")
             numel *= s
         expected = numel * torch.empty((), dtype=dtype).element_size()
         if begin < 0 or end < begin or end - begin != expected:
-            raise corrupt(f"tensor {name!r} of shape {list(shape)} {entry['dtype']} should span "
+            raise corrupt(f"tensor {name!r} of shape {_short_repr(list(shape))} {entry['dtype']} should span "
                           f"{expected} bytes, its offsets [{begin}, {end}] disagree")
         if end > data_size:
             raise CheckpointError(
@@ -106,6 +115,28 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
                 f"but the file has only {file_size} bytes. Download or convert it again.")
         tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
     return tensors, metadata, data_start
+
+
+def _json_list(value) -> list:
+    if not isinstance(value, list):
+        raise TypeError("not a list")
+    return value
+
+
+def _integer(value) -> int:
+    """A JSON integer (the format's shapes and offsets are unsigned integers: no floats, strings
+    or booleans)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("not an integer")
+    return value
+
+
+def _short_repr(obj, limit: int = 200) -> str:
+    """repr() cut to ``limit`` characters; a structure too deep to print says so instead."""
+    try:
+        return repr(obj)[:limit]
+    except RecursionError:
+        return f"<{type(obj).__name__} nested too deeply>"
 
 
 class SafetensorsFile:

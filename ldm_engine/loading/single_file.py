@@ -15,7 +15,7 @@ from ldm_engine.loading import checkpoint_keys as keys
 from ldm_engine.loading.build import LoadPlan, open_weights
 from ldm_engine.loading.components import (
     PAD_TOKENS, Components, assemble, controlnet_factory, default_tokenizer, family_from_unet_config,
-    folder_tokenizer, read_json, text_encoder_factory, unet_factory, vae_factory,
+    folder_tokenizer, read_json, read_scheduler_config, text_encoder_factory, unet_factory, vae_factory,
 )
 
 _PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
@@ -49,7 +49,7 @@ def _configs_from_folder(config: Any, family: str, source: str) -> dict[str, Any
         out["text_encoder_2"] = read_json(root / "text_encoder_2" / "config.json")
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        out["scheduler"] = read_json(sched, "scheduler config")
+        out["scheduler"] = read_scheduler_config(sched)
     for name in ("tokenizer", "tokenizer_2"):
         if (root / name).is_dir():
             out[name] = folder_tokenizer(root / name)
@@ -149,7 +149,7 @@ def _controlnet_default_config(shapes: dict, prefix: str) -> dict:
     config = default_config(SINGLE_FILE_DEFAULTS["controlnet-sdxl" if sdxl else "controlnet-sd1"], "config.json")
     if not sdxl:
         k = keys.first_key_with_suffix(shapes, prefix, "attn2.to_k.weight")
-        if k is not None and shapes[k][-1] == 1024:  # an SD2.x ControlNet: SD2's attention layout
+        if k is not None and tuple(shapes[k])[-1:] == (1024,):  # an SD2.x ControlNet: SD2's attention layout
             sd2 = default_config(SINGLE_FILE_DEFAULTS["sd2"], "unet.json")
             for name in ("cross_attention_dim", "attention_head_dim", "use_linear_projection"):
                 config[name] = sd2[name]

@@ -24,6 +24,15 @@ Graphs read the weights at their captured addresses: ``module.to(...)`` or reass
 after capture would leave them reading freed memory. Each wrapper therefore fingerprints its
 module's first parameter and drops its graphs when it changes.
 
+Threads: one engine may serve many threads. Each captured graph owns static input and output
+tensors, and all graphs of an engine share one memory pool, so two replays must never interleave:
+a graphs backend (``CudaGraphs`` / ``RerunGraphs``, one per engine) carries one re-entrant lock,
+held by every wrapped call from copying its inputs in to cloning its outputs out (and around
+warm-up and capture). Calls of different threads thus take turns network call by network call --
+the GPU runs them one after the other anyway -- while everything between network calls (sampler
+arithmetic, tokenisation, post-processing) still overlaps. ``CudaGraphs`` also orders the calls on
+the GPU when threads use different streams: each call's stream waits for the previous call's work.
+
 ``RerunGraphs`` is a stand-in without CUDA that keeps the same discipline -- static inputs,
 warm-up, outputs written back into the captured output tensors, clones -- by re-running the
 captured call on the static inputs. The CPU tests use it to check everything but the capture
@@ -32,6 +41,7 @@ itself; the real graphs are tested on a GPU (tests marked ``cuda``).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -46,6 +56,18 @@ class CudaGraphs:
 
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
+        self.lock = threading.RLock()
+        self._done = None  # event recorded after the last call's work (any thread's stream)
+
+    def begin(self, device: torch.device) -> None:
+        """Called under the lock before a call: its stream waits for the previous call's work."""
+        if self._done is not None:
+            torch.cuda.current_stream(device).wait_event(self._done)
+
+    def end(self, device: torch.device) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._done = event
 
     def warm_up(self, run: Callable[[], Any], device: torch.device) -> None:
         # On a side stream, as torch.cuda.make_graphed_callables does: work queued there leaves no
@@ -71,6 +93,13 @@ class RerunGraphs:
     def __init__(self):
         self.captures = 0
         self.replays = 0
+        self.lock = threading.RLock()
+
+    def begin(self, device: torch.device) -> None:
+        pass
+
+    def end(self, device: torch.device) -> None:
+        pass
 
     def warm_up(self, run: Callable[[], Any], device: torch.device) -> None:
         run()
@@ -120,10 +149,12 @@ class GraphedCallable:
         self.fn, self.owner, self.graphs, self.max_graphs = fn, owner, graphs, max_graphs
         self._entries: OrderedDict = OrderedDict()
         self._fingerprint = None
+        if not hasattr(graphs, "lock"):  # a backend of one's own: give it the lock its wrappers share
+            graphs.lock = threading.RLock()
 
     def __getattr__(self, name):
         # Only reached for names not found on the wrapper itself.
-        if name in ("fn", "owner", "graphs", "max_graphs", "_entries", "_fingerprint"):
+        if name in ("fn", "owner", "graphs", "max_graphs", "_entries", "_fingerprint", "_call_locked"):
             raise AttributeError(name)
         return getattr(self.owner, name)
 
@@ -141,6 +172,18 @@ class GraphedCallable:
 
     def __call__(self, *args, **kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        device = next((leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor)), None)
+        with self.graphs.lock:  # static buffers and the shared pool: one call at a time (module docstring)
+            begin, end = getattr(self.graphs, "begin", None), getattr(self.graphs, "end", None)
+            if device is not None and begin is not None:
+                begin(device)
+            try:
+                return self._call_locked(leaves, spec)
+            finally:
+                if device is not None and end is not None:
+                    end(device)
+
+    def _call_locked(self, leaves, spec):
         fingerprint = self._weights_fingerprint()
         if fingerprint != self._fingerprint:  # weights moved or were replaced: old graphs read freed memory
             self._entries.clear()

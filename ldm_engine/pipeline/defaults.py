@@ -52,7 +52,7 @@ def read_model_index(source) -> dict:
     path = Path(source) / "model_index.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

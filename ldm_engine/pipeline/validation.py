@@ -24,16 +24,27 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_text(text: str, name: str) -> str:
+    """A str the tokenizer can take: encodable as UTF-8 (a lone surrogate such as "\\ud800" is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{name} is not valid Unicode text: it holds a lone surrogate "
+                                f"{text[e.start]!r} at position {e.start}") from None
+    return text
+
+
 def check_prompts(prompt) -> list[str]:
     """A str or a non-empty list/tuple of str -> list of str."""
     if isinstance(prompt, str):
-        return [prompt]
+        return [check_text(prompt, "prompt")]
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise InvalidInputError("prompt must not be an empty list")
         for i, p in enumerate(prompt):
             if not isinstance(p, str):
                 raise TypeError(f"prompt[{i}] must be a str, got {type(p).__name__}")
+            check_text(p, f"prompt[{i}]")
         return list(prompt)
     raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
 
@@ -43,11 +54,12 @@ def check_negative_prompts(negative_prompt, num_prompts: int) -> list[str] | Non
     if negative_prompt is None:
         return None
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * num_prompts
+        return [check_text(negative_prompt, "negative_prompt")] * num_prompts
     if isinstance(negative_prompt, (list, tuple)):
         for i, p in enumerate(negative_prompt):
             if not isinstance(p, str):
                 raise TypeError(f"negative_prompt[{i}] must be a str, got {type(p).__name__}")
+            check_text(p, f"negative_prompt[{i}]")
         if len(negative_prompt) != num_prompts:
             raise InvalidInputError(
                 f"negative_prompt has {len(negative_prompt)} entries but prompt has {num_prompts}; "
