@@ -71,7 +71,7 @@ SCHEDULER_CONFIG = {
     "final_sigmas_type": "zero",
 }
 FEW_STEP_TIMESTEPS = (999, 749, 499, 249)
-DEFAULTS = {"turbo": False, "num_inference_steps": 4, "guidance_scale": 1.0, "strength": 0.6,
+DEFAULTS = {"turbo": False, "num_inference_steps": 4, "guidance_scale": 3.0, "strength": 0.6,
             "height": 64, "width": 64}
 
 
@@ -253,7 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop the denoiser phase after this many steps (the schedules still follow --unet-steps)")
-    p.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of a folder this script wrote")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue from a folder this script wrote: its VAE (no VAE phase) and its U-Net and "
+                        "text encoder as the starting point of a new denoiser phase")
     p.add_argument("--smoke", action="store_true", help="a few steps of each phase (tests)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -269,13 +271,15 @@ def main(argv=None) -> int:
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in
               (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
     log(f"parameters: {counts}", t0)
-    if args.vae_from is not None:
+    if args.resume is not None:
         from safetensors.torch import load_file
 
-        state = load_file(str(args.vae_from / "vae" / "diffusion_pytorch_model.safetensors"))
-        vae.load_state_dict({k: v.float() for k, v in state.items()})
+        for name, module, weights in (("vae", vae, "diffusion_pytorch_model"), ("unet", unet, "diffusion_pytorch_model"),
+                                      ("text_encoder", text_encoder, "model")):
+            state = load_file(str(args.resume / name / f"{weights}.safetensors"))
+            module.load_state_dict({k: v.float() for k, v in state.items()})
         vae.eval()
-        log(f"VAE from {args.vae_from}", t0)
+        log(f"resumed from {args.resume}", t0)
     else:
         train_vae(vae, args.vae_steps, args.vae_batch, rng, t0)
     vae.requires_grad_(False)
@@ -284,12 +288,14 @@ def main(argv=None) -> int:
 
     latents, triples = encode_dataset(vae, args.images, rng)
     scaling_factor = 1.0 / latents.std().item()
+    if args.resume is not None:  # the U-Net was trained on latents scaled by the folder's factor
+        scaling_factor = json.loads((args.resume / "vae" / "config.json").read_text())["scaling_factor"]
     log(f"{len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std().item():.4f} -> "
         f"scaling_factor {scaling_factor:.5f}", t0)
     prompt_ids = CLIPTokenizer.default()([demo_shapes.prompt_of(*t) for t in triples])
     info = {"seed": args.seed, "threads": args.threads, "vae_steps": args.vae_steps, "vae_batch": args.vae_batch,
-            "unet_steps": args.unet_steps, "stop_at": args.stop_at, "unet_batch": args.unet_batch, "images": args.images,
-            "parameters": counts}
+            "resume": None if args.resume is None else str(args.resume), "unet_steps": args.unet_steps,
+            "stop_at": args.stop_at, "unet_batch": args.unet_batch, "images": args.images, "parameters": counts}
 
     def save(u, te, steps_done):
         save_folder(args.out, u, vae, te, scaling_factor,
