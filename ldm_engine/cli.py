@@ -1,7 +1,7 @@
 """Command line: ``python -m ldm_engine generate ...`` (also installed as ``ldm-engine``).
 
     python -m ldm_engine generate --model stabilityai/sd-turbo --prompt "a cat" --out cat.png
-    python -m ldm_engine generate                 # tiny demo model with random weights, no download
+    python -m ldm_engine generate --prompt "a red circle on a blue background"   # the built-in demo model
     python -m ldm_engine generate --model google/ddpm-cifar10-32 --steps 1000 --out ddpm.png  # no prompt
 
 Writes the image(s) and prints a per-stage timing table. Bad arguments exit with status 2 and a
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_PROMPT = "a photo of an astronaut riding a horse on the moon"
+DEMO_PROMPT = "a red circle on a blue background"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm_engine", description="Fast latent-diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate an image (text-to-image, img2img, inpainting or ControlNet)",
-                       description="Generate image(s). Without --model, runs the tiny demo model with random weights.")
+                       description="Generate image(s). Without --model, runs the built-in demo model (\"demo\": 64x64 "
+                                   "colored shapes, prompts like 'a red circle on a blue background').")
     g.add_argument("--model", help="diffusers pipeline folder, single-file .safetensors checkpoint, or Hugging Face repo id "
                                    "(in the local cache), "
-                                   "e.g. stabilityai/sd-turbo; omitted: the tiny demo model (random weights)")
+                                   "e.g. stabilityai/sd-turbo; omitted: the built-in demo model \"demo\"")
     g.add_argument("--prompt", default=None, help=f"text prompt (default with the demo model: {DEMO_PROMPT!r}; "
                                                   "none for unconditional models such as DDPM's)")
     g.add_argument("--negative-prompt", default=None)
@@ -121,18 +122,12 @@ def _generate(args) -> int:
     from ldm_engine.engine import Engine
 
     demo = args.model is None
-    if demo:
-        if args.controlnet or args.backend != "torch" or args.vae or args.preview_vae:
-            raise ValueError("--controlnet, --backend, --vae and --preview-vae need --model: the demo model "
-                             "has no ControlNet, export or other VAE")
-        from ldm_engine.pipeline.demo import build_tiny_engine
-
-        engine = build_tiny_engine(device=args.device, dtype=args.dtype, scheduler=args.scheduler)
-    else:
-        controlnet = args.controlnet if len(args.controlnet) != 1 else args.controlnet[0]
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                        controlnet=controlnet or None, scheduler=args.scheduler,
-                                        engine_dir=args.engine_dir, vae=args.vae, preview_vae=args.preview_vae)
+    if demo and (args.controlnet or args.backend != "torch"):
+        raise ValueError("--controlnet and --backend need --model: the demo model has no ControlNet or export")
+    controlnet = args.controlnet if len(args.controlnet) != 1 else args.controlnet[0]
+    engine = Engine.from_pretrained("demo" if demo else args.model, device=args.device, dtype=args.dtype,
+                                    backend=args.backend, controlnet=controlnet or None, scheduler=args.scheduler,
+                                    engine_dir=args.engine_dir, vae=args.vae, preview_vae=args.preview_vae)
     unconditional = engine.family == "pixel"  # a DDPM / DDIM UNet2DModel: no prompt, no VAE
     controlnets = getattr(engine, "controlnets", ())
     if len(args.control_image) != len(controlnets) and not unconditional:
@@ -186,9 +181,11 @@ def _generate(args) -> int:
     print(format_timings(result.timings))
     if demo:
         print()
-        print("NOTE: this was the tiny demo model with RANDOM weights (ldm_engine/configs/tiny), so the image is\n"
-              "noise. It shows the whole pipeline runs here: tokenizer -> text encoder -> U-Net steps -> VAE -> PNG.\n"
-              "For real images point it at real weights, e.g.\n"
+        print("NOTE: this was the built-in demo model (\"demo\", ldm_engine/data/demo): a 2.8M-parameter model trained\n"
+              "on synthetic 64x64 pictures. It draws only prompts of the form\n"
+              "  \"a {color} {circle|square|triangle} on a {color} background\"\n"
+              "with colors red, green, blue, yellow, white, black (about 90 % of its pictures are fully right).\n"
+              "For other prompts point --model at real weights, e.g.\n"
               "  python -m ldm_engine generate --model stabilityai/sd-turbo --prompt \"a cat\" --out cat.png\n"
               "(--model takes a diffusers pipeline folder, or a Hugging Face repo id already in the local cache).")
     return 0

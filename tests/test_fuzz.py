@@ -293,10 +293,11 @@ class Reached(Exception):
 
 _GEN_OPTIONS = ["--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--size", "--seed",
                 "--num-images", "--image", "--strength", "--controlnet", "--control-image", "--control-scale",
-                "--scheduler", "--device", "--dtype", "--backend", "--engine-dir", "--out", "--help", "-h"]
+                "--scheduler", "--device", "--dtype", "--backend", "--engine-dir", "--out", "--help", "-h",
+                "--mask", "--vae", "--preview-vae", "--preview-dir", "--lora"]
 _EXPORT_OPTIONS = ["--out", "--format", "--components", "--height", "--width", "--batch", "--dtype",
                    "--controlnet", "--device", "--opset", "--overwrite", "--verify", "--trt-typing",
-                   "--workspace", "--timing-cache", "--quiet"]
+                   "--workspace", "--timing-cache", "--quiet", "--vae", "--lora"]
 _VALUES = st.sampled_from(["0", "-1", "1", "512", "8x8", "1x2x3", "nan", "inf", "1e400", "cpu", "cuda:7", "fp16",
                            "torch", "unet", "16:32:64", "64:32:16", "a:b", "", "x" * 300, "\x00", "é", "-",
                            "--", "/nonexistent", "."]) | st.text(max_size=12)

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from ldm_engine.errors import CheckpointError
 
+# Models shipped inside the package, by name: checked before local paths and the HF cache
+# (a local folder of the same name is reached as "./demo").
+BUILTIN_MODELS = {"demo": Path(__file__).resolve().parents[1] / "data" / "demo"}
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -37,13 +41,18 @@ def hf_cache_dir() -> Path:
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local file or folder: ``path_or_repo_id`` itself when it exists, else the snapshot of
-    that repo id in the local Hugging Face cache. Never uses the network."""
+    """A local file or folder: a built-in model's folder for its name (``"demo"``, see BUILTIN_MODELS),
+    ``path_or_repo_id`` itself when it exists, else the snapshot of that repo id in the local Hugging
+    Face cache. Never uses the network."""
     if not isinstance(path_or_repo_id, (str, os.PathLike)):
         raise TypeError(f"expected a path or a repo id string, got {type(path_or_repo_id).__name__}")
     text = os.fspath(path_or_repo_id)
     if not text:
         raise CheckpointError("empty model path")
+    if text in BUILTIN_MODELS:
+        if not BUILTIN_MODELS[text].is_dir():
+            raise CheckpointError(f"built-in model {text!r}: {BUILTIN_MODELS[text]} is missing from this install")
+        return BUILTIN_MODELS[text]
     path = Path(text).expanduser()
     if path.exists():
         return path

@@ -1,8 +1,9 @@
-"""The tiny demo model: ldm_engine/configs/tiny built with seeded random weights.
+"""The tiny random-weight model: ldm_engine/configs/tiny built with seeded random weights.
 
 It has the layout of an SD1 pipeline at toy size (128x128 px, 4 Euler steps with guidance), so the
-whole pipeline -- tokenizer, text encoder, U-Net steps, VAE, PNG -- runs in well under a second on
-a CPU right after install, with no download. Its images are noise: the weights are random.
+whole pipeline runs in well under a second on a CPU with no files at all; for tests and benchmarks
+that need a model of that shape. Its images are noise: the weights are random. The CLI's default is
+the trained built-in model instead (``Engine.from_pretrained("demo")``, ldm_engine/data/demo).
 """
 
 from __future__ import annotations
