@@ -49,13 +49,19 @@ class ImageBatch:
 
     def to_tensor(self, height: int, width: int) -> torch.Tensor:
         """(N, 3, height, width) float32 in [0, 1], resized like diffusers' VaeImageProcessor."""
+        return self._resized(height, width, "RGB")
+
+    def _resized(self, height: int, width: int, pil_mode: str) -> torch.Tensor:
+        """(N, C, height, width) float32 in [0, 1]: PIL images resized with Lanczos, then converted to
+        ``pil_mode`` (RGB, or L for masks), as diffusers does; tensors resized nearest-neighbour."""
         if self.pil is not None:
             arrays = []
             for img in self.pil:
                 if img.size != (width, height):
                     img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
-                arrays.append(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
-            return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+                arrays.append(np.asarray(img.convert(pil_mode), dtype=np.float32) / 255.0)
+            x = np.stack(arrays)
+            return torch.from_numpy((x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)).copy())
         x = self.tensor
         if tuple(x.shape[-2:]) != (height, width):
             x = F.interpolate(x, size=(height, width))

@@ -51,17 +51,7 @@ class MaskBatch(ImageBatch):
 
     def to_tensor(self, height: int, width: int) -> torch.Tensor:
         """(N, 1, height, width) float32 of 0 / 1: resized like diffusers' mask processor, binarised at 0.5."""
-        if self.pil is not None:
-            arrays = []
-            for img in self.pil:
-                if img.size != (width, height):
-                    img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
-                arrays.append(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
-            x = torch.from_numpy(np.stack(arrays)[:, None].copy())
-        else:
-            x = self.tensor
-            if tuple(x.shape[-2:]) != (height, width):
-                x = F.interpolate(x, size=(height, width))
+        x = self._resized(height, width, "L")
         return (x >= 0.5).to(torch.float32)
 
 
