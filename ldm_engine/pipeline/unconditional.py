@@ -21,10 +21,10 @@ import torch
 from ldm_engine.errors import InvalidInputError
 from ldm_engine.pipeline import validation as check
 from ldm_engine.pipeline.images import postprocess
+from ldm_engine.pipeline.request import MAX_SIZE
 from ldm_engine.pipeline.timing import StageTimer
 
 DEFAULT_STEPS = 50        # DDIMPipeline's default; "ddpm" runs every training timestep (DDPMPipeline's 1000)
-MAX_SIZE = 4096
 # generate() arguments of the text-to-image Engine that an unconditional model cannot use.
 _CONDITIONING = ("negative_prompt", "guidance_scale", "image", "strength", "control_image",
                  "controlnet_conditioning_scale", "mask_image", "callback")
