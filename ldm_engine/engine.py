@@ -31,7 +31,7 @@ from ldm_engine.pipeline import finite, inpaint, preview
 from ldm_engine.pipeline.conditioning import encode_prompts
 from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
 from ldm_engine.pipeline.images import expand_batch, postprocess
-from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior
+from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior, image_latents
 from ldm_engine.pipeline.preview import check_callback
 from ldm_engine.pipeline.request import Request, check_request
 from ldm_engine.pipeline.timing import StageTimer
@@ -444,9 +444,9 @@ class Engine:
         #    inpainting: the U-Net's extra input channels or the per-step blend (pipeline/inpaint.py).
         extra = blend = None
         if use_image_latents:
-            z = expand_batch(inpaint.vae_sample(comps.vae, pixels, post_noise, scale, shift), n_prompts, n, "image")
+            z = expand_batch(image_latents(comps.vae, pixels, post_noise, scale, shift), n_prompts, n, "image")
         if mask is not None and self.inpainting_unet:
-            mz = expand_batch(inpaint.vae_sample(comps.vae, masked, masked_noise, scale, shift), n_prompts, n, "image")
+            mz = expand_batch(image_latents(comps.vae, masked, masked_noise, scale, shift), n_prompts, n, "image")
             extra = torch.cat([mask, mz], dim=1).to(self.unet_dtype)
             extra = torch.cat([extra, extra]) if a.do_cfg else extra
         elif mask is not None:

@@ -146,22 +146,29 @@ def parse_image(image, name: str = "image") -> ImageBatch:
             if img.width < 1 or img.height < 1:
                 raise InvalidInputError(f"{name} is empty ({img.width}x{img.height})")
         return ImageBatch(pil=items, tensor=None)
+    x = stack_arrays(items, name, _numpy_to_tensor, _torch_to_tensor)
+    return ImageBatch(pil=None, tensor=x)
+
+
+def stack_arrays(items: list, name: str, from_numpy, from_torch) -> torch.Tensor:
+    """numpy arrays / tensors (checked and converted by from_numpy / from_torch to (N, C, H, W)) as one
+    batch: same size, not empty. Used for images and masks alike."""
     tensors = []
     for item in items:
         if isinstance(item, np.ndarray):
-            tensors.append(_numpy_to_tensor(name, item))
+            tensors.append(from_numpy(name, item))
         elif isinstance(item, torch.Tensor):
-            tensors.append(_torch_to_tensor(name, item))
+            tensors.append(from_torch(name, item))
         else:
             raise TypeError(
                 f"{name} must be a PIL image, a numpy array, a torch tensor or a list of one of those, "
                 f"got {type(item).__name__}")
     if len({tuple(t.shape[1:]) for t in tensors}) > 1:
-        raise InvalidInputError(f"{name}: all images in a list must have the same size")
+        raise InvalidInputError(f"{name}: all items in a list must have the same size")
     x = torch.cat(tensors)
     if x.shape[-1] < 1 or x.shape[-2] < 1:
         raise InvalidInputError(f"{name} is empty (shape {tuple(x.shape)})")
-    return ImageBatch(pil=None, tensor=x)
+    return x
 
 
 def expand_batch(x: torch.Tensor, num_prompts: int, num_images_per_prompt: int, name: str) -> torch.Tensor:

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_engine.errors import InvalidInputError
-from ldm_engine.pipeline.latents import encode_image
-from ldm_engine.pipeline.images import ImageBatch, _is_pil, _to_unit_float, expand_batch, parse_image
+from ldm_engine.pipeline.images import ImageBatch, stack_arrays, _is_pil, _to_unit_float, expand_batch, parse_image
 
 try:
     from PIL import Image
@@ -101,20 +100,7 @@ def parse_mask(mask, name: str = "mask_image") -> MaskBatch:
         return MaskBatch(pil=parse_image(items, name).pil, tensor=None)
     if not items:
         raise InvalidInputError(f"{name} must not be an empty list")
-    tensors = []
-    for item in items:
-        if isinstance(item, np.ndarray):
-            tensors.append(_mask_from_numpy(name, item))
-        elif isinstance(item, torch.Tensor):
-            tensors.append(_mask_from_torch(name, item))
-        else:
-            raise TypeError(f"{name} must be a PIL image, a numpy array, a torch tensor or a list of one of "
-                            f"those, got {type(item).__name__}")
-    if len({tuple(t.shape[1:]) for t in tensors}) > 1:
-        raise InvalidInputError(f"{name}: all masks in a list must have the same size")
-    x = torch.cat(tensors)
-    if x.shape[-1] < 1 or x.shape[-2] < 1:
-        raise InvalidInputError(f"{name} is empty (shape {tuple(x.shape)})")
+    x = stack_arrays(items, name, _mask_from_numpy, _mask_from_torch)
     return MaskBatch(pil=None, tensor=x)
 
 
@@ -126,11 +112,6 @@ def masked_pixels(pixels: torch.Tensor, mask: torch.Tensor, num_prompts: int, n:
         pixels = expand_batch(pixels, num_prompts, n, "image")
         mask = expand_batch(mask, num_prompts, n, "mask_image")
     return pixels * (mask < 0.5)
-
-
-def vae_sample(vae, pixels: torch.Tensor, noise: torch.Tensor | None, scale: float, shift: float) -> torch.Tensor:
-    """Scaled latents of ``latent_dist.sample(generator)`` (a tiny VAE: its latents), in float32."""
-    return (encode_image(vae, pixels, noise) - shift) * scale
 
 
 def mask_latents(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:

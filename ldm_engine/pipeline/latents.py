@@ -27,6 +27,12 @@ def encode_image(vae, pixels: torch.Tensor, posterior_noise: torch.Tensor | None
     return mean.float() + std * posterior_noise
 
 
+def image_latents(vae, pixels: torch.Tensor, posterior_noise: torch.Tensor | None, scale: float,
+                  shift: float) -> torch.Tensor:
+    """encode_image() in the U-Net's latent space: (latents - shift) * scale, float32."""
+    return (encode_image(vae, pixels, posterior_noise) - shift) * scale
+
+
 def check_vae_latent_channels(unet_config, vae, preview_vae=None) -> None:
     """The VAE (and preview VAE) must work in the U-Net's latent space: same latent channels as
     the U-Net's output (an inpainting U-Net takes more channels in, but outputs the latents')."""
