@@ -34,7 +34,7 @@
 #   COMPILE_MODELS=sd-turbo     models that also get diffusers+compile ("" for none)
 #   OPS_ARGS=""                 extra arguments for benchmarks/bench_ops.py
 #   TEST_WORKERS=8              pytest-xdist workers for the non-GPU part of the suite (0: no xdist)
-#   GPU_TEST_WORKERS=4          pytest-xdist workers for the GPU tests (0: no xdist)
+#   GPU_TEST_WORKERS=12         pytest-xdist workers for the GPU tests (0: no xdist)
 #   TEST_TIMEOUT=120            per-test limit (pytest-timeout, where installed): a hung kernel costs one test
 #   OTHER_TIMEOUT=150           seconds for each other benchmarks/bench_*.py
 #   LDM_ENGINE_GIT_COMMIT       commit to record when the checkout has no .git (prepare writes .whl/COMMIT)
@@ -163,11 +163,20 @@ timeout_opts() {  # per-test limit when pytest-timeout is installed (thread meth
 run_tests() {  # the GPU-marked tests (the rest of the suite runs in CI on every landing)
   local limit; limit="$(cap "$(left 60)" 300)"
   [ $SESSION -eq 1 ] && limit="$(cap "$limit" "${SESSION_TESTS_S:-210}")"
-  local opts; opts="$(xdist_opts "${GPU_TEST_WORKERS:-4}") $(timeout_opts)"
-  echo "== GPU tests: pytest tests -m 'cuda or triton_gpu' $opts (limit ${limit}s)" | tee "$RES/tests-gpu.log"
+  # 12 workers: most of this phase is Triton compiling one kernel per config, on the CPU (16 cores there).
+  local opts; opts="$(xdist_opts "${GPU_TEST_WORKERS:-12}") $(timeout_opts)"
+  # Each failure is printed when it happens (tests/conftest.py), so a run cut off by its limit still names
+  # what failed and why; the _C smoke tests run first, alone, so a broken build shows in seconds.
+  export LDM_ENGINE_FAILURES_NOW=1
+  echo "== GPU tests: _C smoke, then pytest tests -m 'cuda or triton_gpu' $opts (limit ${limit}s)" \
+    | tee "$RES/tests-gpu.log"
+  local t0=$SECONDS
+  timeout 60 "$PY" -m pytest tests/test_cuda_extension.py -m cuda -q -rs -p no:cacheprovider 2>&1 \
+    | tee -a "$RES/tests-gpu.log"
+  limit=$(( limit - (SECONDS - t0) )); [ "$limit" -lt 30 ] && limit=30
   # shellcheck disable=SC2086
-  timeout "$limit" "$PY" -m pytest tests -m "cuda or triton_gpu" -q -rs -p no:cacheprovider $opts \
-    2>&1 | tee -a "$RES/tests-gpu.log"
+  timeout "$limit" "$PY" -m pytest tests -m "cuda or triton_gpu" -q -rfEs -p no:cacheprovider $opts \
+    --deselect tests/test_cuda_extension.py 2>&1 | tee -a "$RES/tests-gpu.log"
 }
 
 run_tests_rest() {
