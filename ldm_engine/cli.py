@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeat for several")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     g.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--vae-dtype", default=None, help="fp16, bf16 or fp32 for the VAE (default: --dtype, but fp32 "
+                                                     "for SDXL's VAE under fp16; bf16 halves its cost)")
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
     g.add_argument("--engine-dir", default=None, help="exported engines (for --backend onnxruntime/tensorrt)")
     g.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (several images: out-0.png, ...)")
@@ -127,7 +129,8 @@ def _generate(args) -> int:
     controlnet = args.controlnet if len(args.controlnet) != 1 else args.controlnet[0]
     engine = Engine.from_pretrained("demo" if demo else args.model, device=args.device, dtype=args.dtype,
                                     backend=args.backend, controlnet=controlnet or None, scheduler=args.scheduler,
-                                    engine_dir=args.engine_dir, vae=args.vae, preview_vae=args.preview_vae)
+                                    engine_dir=args.engine_dir, vae=args.vae, preview_vae=args.preview_vae,
+                                    vae_dtype=args.vae_dtype)
     unconditional = engine.family == "pixel"  # a DDPM / DDIM UNet2DModel: no prompt, no VAE
     controlnets = getattr(engine, "controlnets", ())
     if len(args.control_image) != len(controlnets) and not unconditional:

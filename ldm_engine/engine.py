@@ -29,7 +29,8 @@ import torch
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
 from ldm_engine.pipeline import finite, inpaint, preview
 from ldm_engine.pipeline.conditioning import encode_prompts
-from ldm_engine.pipeline.defaults import Defaults, model_defaults, read_model_index, vae_needs_fp32
+from ldm_engine.pipeline.defaults import (Defaults, model_defaults, read_model_index, vae_dtype_for,
+                                          vae_needs_fp32)
 from ldm_engine.pipeline.images import expand_batch, postprocess
 from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior, image_latents
 from ldm_engine.pipeline.preview import check_callback
@@ -57,7 +58,7 @@ def resolve_device(device) -> torch.device:
         raise InvalidInputError(f"device {device!r} is not a valid torch device: {e}") from None
 
 
-def resolve_dtype(dtype, device: torch.device, *, prefer_bf16: bool = False) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, *, prefer_bf16: bool = False, what: str = "dtype") -> torch.dtype:
     """None -> fp16 on CUDA (bf16 when the model asks for upcast attention and the GPU has bf16), fp32 elsewhere."""
     if dtype is None:
         if device.type != "cuda":
@@ -65,10 +66,10 @@ def resolve_dtype(dtype, device: torch.device, *, prefer_bf16: bool = False) -> 
         return torch.bfloat16 if prefer_bf16 and torch.cuda.is_bf16_supported() else torch.float16
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
-            raise InvalidInputError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch dtype, got {dtype!r}")
+            raise InvalidInputError(f"{what} must be one of {sorted(set(_DTYPES))} or a torch dtype, got {dtype!r}")
         return _DTYPES[dtype.lower()]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise InvalidInputError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        raise InvalidInputError(f"{what} must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     return dtype
 
 
@@ -104,7 +105,7 @@ class Engine:
 
     def __init__(self, components, controlnets: Sequence = (), *, device=None, dtype=None,
                  scheduler: str | None = None, name: str | None = None, model_index: dict | None = None,
-                 preview_vae=None):
+                 preview_vae=None, vae_dtype=None):
         self.components = components
         self.controlnets = list(controlnets)
         self.device = resolve_device(device)
@@ -117,8 +118,14 @@ class Engine:
         unet_cfg, vae_cfg = components.unet.config, components.vae.config
 
         vae = components.vae
-        if self.dtype == torch.float16 and vae_needs_fp32(self.family, vae_cfg) and isinstance(vae, torch.nn.Module):
-            vae.to(torch.float32)
+        if vae_dtype is not None:
+            vae_dtype = resolve_dtype(vae_dtype, self.device, what="vae_dtype")
+            if not isinstance(vae, torch.nn.Module):
+                raise InvalidInputError("vae_dtype= needs the torch backend (an exported VAE has its dtype built in)")
+        if isinstance(vae, torch.nn.Module):
+            wanted = vae_dtype_for(self.family, vae_cfg, self.dtype, vae_dtype)
+            if wanted != _module_dtype(vae, wanted):
+                vae.to(wanted)
         self.vae_dtype = _module_dtype(vae, self.dtype)
         self.unet_dtype = _module_dtype(components.unet, self.dtype)
         self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
@@ -154,7 +161,7 @@ class Engine:
     def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, backend: str = "torch",
                         controlnet=None, scheduler: str | None = None, engine_dir=None,
                         variant: str | None = None, config=None, prediction_type: str | None = None,
-                        vae=None, preview_vae=None) -> Engine:
+                        vae=None, preview_vae=None, vae_dtype=None) -> Engine:
         """Loads a pipeline: a diffusers folder, a Hugging Face cache snapshot (repo id), or a single-file checkpoint.
         Unconditional pixel-space models (DDPM / DDIM UNet2DModel) give a
         ldm_engine.pipeline.unconditional.PixelEngine, whose generate() takes no prompt.
@@ -168,14 +175,18 @@ class Engine:
         e.g. the fp16-fix SDXL VAE) or tiny (TAESD / TAESDXL: folder, or the original taesd_*.safetensors
         pair); see ldm_engine.loading.vae. preview_vae: a (tiny) VAE for step.preview() in callbacks.
         Either must have the U-Net's latent channels (else InvalidInputError).
+        vae_dtype: the VAE's dtype ("bf16", "fp16", "fp32" or a torch dtype; torch backend). Default: the
+        engine's, but fp32 for the SDXL VAE under fp16 (it overflows fp16, as diffusers); "bf16" runs
+        that VAE at half the fp32 cost (see ldm_engine.pipeline.defaults.vae_dtype_for).
         """
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         from ldm_engine.pipeline.unconditional import PixelEngine
 
         if PixelEngine.handles(path_or_repo_id, backend=backend, engine_dir=engine_dir, config=config):
-            if vae is not None or preview_vae is not None:
-                raise InvalidInputError(f"{path_or_repo_id} is a pixel-space model: it has no VAE to replace")
+            if vae is not None or preview_vae is not None or vae_dtype is not None:
+                raise InvalidInputError(f"{path_or_repo_id} is a pixel-space model: it has no VAE (vae=, "
+                                        "preview_vae=, vae_dtype= do not apply)")
             return PixelEngine.from_pretrained(path_or_repo_id, device=device, dtype=dtype, backend=backend,
                                                engine_dir=engine_dir, controlnet=controlnet, scheduler=scheduler,
                                                variant=variant, config=config, prediction_type=prediction_type)
@@ -217,7 +228,7 @@ class Engine:
 
             preview = load_vae(preview_vae, device=device, dtype=dtype, family=comps.family)
         return cls(comps, nets, device=device, dtype=dtype, scheduler=scheduler, name=str(path_or_repo_id),
-                   preview_vae=preview)
+                   preview_vae=preview, vae_dtype=vae_dtype)
 
     @property
     def scheduler(self) -> str:

@@ -156,6 +156,9 @@ def test_bad_inputs_are_clear_errors_and_engine_keeps_working(folders):
         engine.generate(output_type="latent")
     with pytest.raises(InvalidInputError, match="ControlNet"):
         Engine.from_pretrained(folders[("plain", "DDIMPipeline")], controlnet="x")
+    for vae_arg in ("vae", "preview_vae", "vae_dtype"):
+        with pytest.raises(InvalidInputError, match=f"no VAE .*{vae_arg}="):
+            Engine.from_pretrained(folders[("plain", "DDIMPipeline")], **{vae_arg: "bf16"})
     again = engine.generate(num_inference_steps=3, seed=1, output_type="pt").images
     assert torch.equal(first, again) and first.shape == (1, 3, 8, 12)
     # other sizes and samplers run (fully convolutional), PIL output
