@@ -71,7 +71,7 @@ SCHEDULER_CONFIG = {
     "final_sigmas_type": "zero",
 }
 FEW_STEP_TIMESTEPS = (999, 749, 499, 249)
-DEFAULTS = {"turbo": False, "num_inference_steps": 4, "guidance_scale": 3.0, "strength": 0.6,
+DEFAULTS = {"turbo": False, "num_inference_steps": 4, "guidance_scale": 2.0, "strength": 0.6,
             "height": 64, "width": 64}
 
 
