@@ -5,6 +5,10 @@ Models (the real architectures from ldm_engine/configs; random weights have the 
     sdxl-turbo   SDXL layout, 512x512, 1 step, guidance 0 (Euler ancestral, trailing)
     sd15         SD1.5 layout, 512x512, 25 steps, CFG 7.5 with a negative prompt (PNDM/PLMS: 26 U-Net calls)
     tiny         ldm_engine/configs/tiny (SD1 layout at toy size, 128x128, 2 steps, CFG): the CPU smoke check
+    ddpm-cifar10 the DDPM paper's CIFAR-10 UNet2DModel (pixel space, no text encoder or VAE), 32x32,
+                 1000 DDPM steps (1000 U-Net calls); by default only ldm_engine[torch] with and without
+                 channels_last / CUDA graphs, against diffusers' DDPMPipeline. In --model all (run_gpu.sh all),
+                 not in run_gpu.sh's session (SD-Turbo only)
 
 The first run writes a diffusers-format folder per model (fp16 safetensors for GPU runs, fp32 for CPU
 runs; seeded random init; the shipped CLIP vocabulary) under --weights-dir and reuses it afterwards. Both
@@ -108,10 +112,16 @@ class ModelSpec:
     guidance: float
     full_size: bool = True   # needs CUDA in the default modes
     images: int = 1          # images per call (num_images_per_prompt; --images-per-prompt)
+    variants: tuple = ()     # the variants run without --variants (empty: all)
 
     @property
     def sdxl(self) -> bool:
         return self.pipeline == "StableDiffusionXLPipeline"
+
+    @property
+    def pixel(self) -> bool:
+        """An unconditional pixel-space model (UNet2DModel, PixelEngine): no prompt, text encoder or VAE."""
+        return self.pipeline == "DDPMPipeline"
 
     @property
     def cfg(self) -> bool:
@@ -123,6 +133,9 @@ MODELS = {
     "sdxl-turbo": ModelSpec("sdxl-turbo", "sdxl-turbo", "StableDiffusionXLPipeline", 512, 512, 1, 0.0),
     "sd15": ModelSpec("sd15", "sd15", "StableDiffusionPipeline", 512, 512, 25, 7.5),
     "tiny": ModelSpec("tiny", "tiny", "StableDiffusionPipeline", 128, 128, 2, 5.0, full_size=False),
+    "ddpm-cifar10": ModelSpec("ddpm-cifar10", "ddpm-cifar10", "DDPMPipeline", 32, 32, 1000, 0.0,
+                              variants=("ldm_engine[torch]", "diffusers", "ldm_engine[torch]+channels_last",
+                                        "ldm_engine[torch]+graphs", "ldm_engine[torch]+channels_last+graphs")),
 }
 FULL_MODELS = tuple(n for n, s in MODELS.items() if s.full_size)
 
@@ -170,9 +183,12 @@ def _build_meta_models(spec: ModelSpec, configs: dict) -> dict:
     """ldm_engine's own models on the meta device (state-dict keys = diffusers / published CLIP keys)."""
     from ldm_engine.models.clip import CLIPTextConfig, CLIPTextModel
     from ldm_engine.models.unet import UNet2DConditionModel, UNetConfig
+    from ldm_engine.models.unet_2d import UNet2DConfig, UNet2DModel
     from ldm_engine.models.vae import AutoencoderKL, VAEConfig
 
     with torch.device("meta"):
+        if spec.pixel:
+            return {"unet": UNet2DModel(UNet2DConfig.from_dict(configs["unet"]))}
         models = {
             "unet": UNet2DConditionModel(UNetConfig.from_dict(configs["unet"])),
             "vae": AutoencoderKL(VAEConfig.from_dict(configs["vae"])),
@@ -219,20 +235,30 @@ def _model_index(spec: ModelSpec, scheduler_class: str) -> dict:
         "_class_name": spec.pipeline,
         "_diffusers_version": common._version("diffusers") or "0.42.1",
         "_ldm_engine_random_weights": "written by benchmarks/bench_pipeline.py: random weights, real architecture",
+        "scheduler": ["diffusers", scheduler_class],
+    }
+    if spec.pixel:
+        return {**index, "unet": ["diffusers", "UNet2DModel"]}
+    index.update({
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
-        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-    }
+    })
     if spec.sdxl:
         index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})
     else:
         index.update({"safety_checker": [None, None], "requires_safety_checker": False})
     return index
+
+
+def _component_names(spec: ModelSpec) -> list[str]:
+    if spec.pixel:
+        return ["unet"]
+    return ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if spec.sdxl else [])
 
 
 def write_random_pipeline(spec: ModelSpec, root: Path = DEFAULT_WEIGHTS_DIR, *, dtype: torch.dtype = torch.float16,
@@ -251,8 +277,7 @@ def write_random_pipeline(spec: ModelSpec, root: Path = DEFAULT_WEIGHTS_DIR, *, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    encoders = ["text_encoder"] + (["text_encoder_2"] if spec.sdxl else [])
-    configs = {name: _component_json(config_dir, name) for name in ["unet", "vae", *encoders]}
+    configs = {name: _component_json(config_dir, name) for name in _component_names(spec)}
     models = _build_meta_models(spec, configs)
     n_params = 0
     for i, (name, model) in enumerate(models.items()):
@@ -261,7 +286,8 @@ def write_random_pipeline(spec: ModelSpec, root: Path = DEFAULT_WEIGHTS_DIR, *, 
         (tmp / name).mkdir()
         config = dict(configs[name])
         if name in ("unet", "vae"):
-            config.setdefault("_class_name", "UNet2DConditionModel" if name == "unet" else "AutoencoderKL")
+            unet_class = "UNet2DModel" if spec.pixel else "UNet2DConditionModel"
+            config.setdefault("_class_name", unet_class if name == "unet" else "AutoencoderKL")
             weights = "diffusion_pytorch_model.safetensors"
         else:
             config["architectures"] = ["CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"]
@@ -273,7 +299,8 @@ def write_random_pipeline(spec: ModelSpec, root: Path = DEFAULT_WEIGHTS_DIR, *, 
     scheduler = _scheduler_json(config_dir)
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    _write_tokenizer(tmp / "tokenizer", _tokenizer_json(config_dir, "tokenizer"))
+    if not spec.pixel:
+        _write_tokenizer(tmp / "tokenizer", _tokenizer_json(config_dir, "tokenizer"))
     if spec.sdxl:
         _write_tokenizer(tmp / "tokenizer_2", _tokenizer_json(config_dir, "tokenizer_2"))
     (tmp / "model_index.json").write_text(json.dumps(_model_index(spec, scheduler["_class_name"]), indent=2))
@@ -301,9 +328,14 @@ def count_flops(spec: ModelSpec, configs: dict | None = None, *, height: int, wi
 
     if configs is None:
         config_dir = CONFIG_ROOT / spec.config_dir
-        names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if spec.sdxl else [])
-        configs = {n: _component_json(config_dir, n) for n in names}
+        configs = {n: _component_json(config_dir, n) for n in _component_names(spec)}
     models = _build_meta_models(spec, configs)
+    if spec.pixel:
+        unet = models["unet"]
+        with torch.device("meta"), FlopCounterMode(display=False) as fc:
+            unet(torch.randn(1, unet.config.in_channels, height, width), torch.tensor(999))
+        return {"unet": fc.get_total_flops(), "vae_decode": 0, "text_encoders": [],
+                "source": "FlopCounterMode (meta)"}
     unet, vae = models["unet"], models["vae"]
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.device("meta"):
@@ -411,6 +443,10 @@ class _StageRecorder:
         return [(e - s) * 1000.0 for s, e in pairs]
 
 
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
 def _to_images(images) -> torch.Tensor:
     """Any output_type -> float32 CPU tensor (N, 3, H, W) in [0, 1]."""
     import numpy as np
@@ -480,7 +516,7 @@ class EngineRunner(Runner):
         super().__init__(spec, device, **kw)
         self.engine, self.ops_backend = engine, ops_backend
         self.variant = f"ldm_engine[{ops_backend}]"
-        self.vae_dtype = str(engine.vae_dtype).replace("torch.", "")
+        self.vae_dtype = _dtype_name(getattr(engine, "vae_dtype", None))  # a pixel model has no VAE
 
     @staticmethod
     def load(folder: Path, device: torch.device, dtype: torch.dtype):
@@ -496,11 +532,15 @@ class EngineRunner(Runner):
         if getattr(self, "saved_vae", None) is not None:
             restore_vae(self.engine, self.saved_vae)
             self.saved_vae = None
-            self.vae_dtype = str(self.engine.vae_dtype).replace("torch.", "")
+            self.vae_dtype = _dtype_name(self.engine.vae_dtype)
 
     def _generate(self):
         s = self.spec
         with _env("LDM_ENGINE_BACKEND", self.ops_backend):
+            if s.pixel:  # PixelEngine: no prompt; its timings hold only the U-Net calls
+                res = self.engine.generate(num_inference_steps=s.steps, num_images_per_prompt=s.images,
+                                           seed=self.seed, output_type=self.output_type)
+                return res.images, {"text_encoder": 0.0, "unet": list(res.timings["unet"]), "vae_decode": 0.0}
             res = self.engine.generate(PROMPT, negative_prompt=NEGATIVE_PROMPT if s.cfg else None,
                                        height=s.height, width=s.width, num_inference_steps=s.steps,
                                        num_images_per_prompt=s.images,
@@ -528,20 +568,26 @@ class DiffusersRunner(Runner):
         pipe.set_progress_bar_config(disable=True)
         if compile_mode is not None:
             pipe.unet = torch.compile(pipe.unet, mode=compile_mode)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode)
+            if not spec.pixel:
+                pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode)
         self.recorder = _StageRecorder(device)
-        self.recorder.wrap(pipe, "encode_prompt", "text_encoder")   # tokenisation + encoders, as the engine's stage
         self.recorder.wrap(pipe.unet, "forward", "unet")
-        self.recorder.wrap(pipe.vae, "decode", "vae_decode")
+        if not spec.pixel:  # DDPMPipeline: no text encoder, no VAE
+            self.recorder.wrap(pipe, "encode_prompt", "text_encoder")  # tokenisation + encoders, as the engine's stage
+            self.recorder.wrap(pipe.vae, "decode", "vae_decode")
         self.pipe = pipe
         self.load_s = time.perf_counter() - t0
         # diffusers' SDXL pipeline upcasts a force_upcast VAE to fp32 for decoding; the SD pipeline does not.
         upcast = spec.sdxl and dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
-        self.vae_dtype = "float32" if upcast else str(pipe.vae.dtype).replace("torch.", "")
+        self.vae_dtype = None if spec.pixel else "float32" if upcast else _dtype_name(pipe.vae.dtype)
 
     def _generate(self):
         s = self.spec
         self.recorder.reset()
+        if s.pixel:  # DDPMPipeline: output_type "pt" still returns numpy (converted by _to_images)
+            out = self.pipe(batch_size=s.images, num_inference_steps=s.steps, output_type=self.output_type,
+                            generator=torch.Generator("cpu").manual_seed(self.seed))
+            return out.images, {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-call deprecation notes (upcast_vae) would flood the log
             out = self.pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT if s.cfg else None, height=s.height,
@@ -649,6 +695,8 @@ class ModelBench:
         if variant.startswith("ldm_engine["):
             if variant.endswith("+graphs") and self.device.type != "cuda":
                 return "CUDA graphs need a CUDA device"
+            if "+tiny_vae" in variant and self.spec.pixel:
+                return "a pixel-space model has no VAE"
             return _ops_backend_problem(_ops_backend_of(variant), self.device)
         return _diffusers_problem()
 
@@ -895,6 +943,7 @@ def _parse(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.runs = args.runs or 10
     args.warmup = 3 if args.warmup is None else args.warmup
+    args.variants_given = bool(args.variants)
     if args.variants:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         bad = [v for v in args.variants if v not in ALL_VARIANTS]
@@ -910,9 +959,12 @@ def _parse(argv=None):
 
 
 def _variants_for(args, model: str) -> list[str]:
+    variants = list(args.variants)
     if args.compile_models is not None and model not in args.compile_models:
-        return [v for v in args.variants if v not in COMPILED_VARIANTS]
-    return list(args.variants)
+        variants = [v for v in variants if v not in COMPILED_VARIANTS]
+    if MODELS[model].variants and not args.variants_given:  # the model's own default set (+ --compile's)
+        variants = [v for v in variants if v in MODELS[model].variants or v in COMPILED_VARIANTS]
+    return variants
 
 
 def _child_argv(args, model: str, variants: list[str], child_json: Path, images_dir: Path) -> list[str]:
@@ -1081,7 +1133,8 @@ if pytest is not None:
         """CPU smoke benchmark at toy size: runs anywhere, in seconds."""
         _run_benchmark(benchmark, _bench_for("tiny", torch.device("cpu"), bench_options), variant, bench_options)
 
-    _FULL_CASES = [(m, v) for m in FULL_MODELS for v in RUN_ORDER if v not in COMPILED_VARIANTS]
+    _FULL_CASES = [(m, v) for m in FULL_MODELS for v in RUN_ORDER
+                   if v not in COMPILED_VARIANTS and (not MODELS[m].variants or v in MODELS[m].variants)]
 
     @pytest.mark.cuda
     @pytest.mark.parametrize("model,variant", _FULL_CASES, ids=[f"{m}-{v}" for m, v in _FULL_CASES])

@@ -30,7 +30,7 @@
 #   CALL_BUDGET=570             seconds this invocation may take; steps get what is left (device calls: 600 max)
 #   LDM_ENGINE_CUDA_ARCHS       compute capabilities to build (default: this GPU's, e.g. 90)
 #   RUNS=10 WARMUP=3            pipeline benchmark repetitions
-#   PIPELINE_MODELS=all         sd-turbo,sdxl-turbo,sd15 (comma list) or all
+#   PIPELINE_MODELS=all         sd-turbo,sdxl-turbo,sd15,ddpm-cifar10 (comma list) or all (= those four)
 #   COMPILE_MODELS=sd-turbo     models that also get diffusers+compile ("" for none)
 #   OPS_ARGS=""                 extra arguments for benchmarks/bench_ops.py
 #   TEST_WORKERS=8              pytest-xdist workers for the non-GPU part of the suite (0: no xdist)

@@ -17,9 +17,7 @@ The denoising loop (ldm_engine.samplers.sample) does no host-device synchronisat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -33,6 +31,7 @@ from ldm_engine.pipeline.defaults import (Defaults, model_defaults, read_model_i
                                           vae_needs_fp32)
 from ldm_engine.pipeline.images import expand_batch, postprocess
 from ldm_engine.pipeline.latents import check_vae_latent_channels, draws_posterior, image_latents
+from ldm_engine.pipeline.network_options import NetworkOptions
 from ldm_engine.pipeline.preview import check_callback
 from ldm_engine.pipeline.request import Request, check_request
 from ldm_engine.pipeline.timing import StageTimer
@@ -88,7 +87,7 @@ def _module_dtype(module, fallback: torch.dtype) -> torch.dtype:
     return getattr(module, "dtype", fallback)
 
 
-class Engine:
+class Engine(NetworkOptions):
     """Holds the loaded networks; ``generate()`` runs the whole pipeline. Build with from_pretrained().
 
     Thread safety: one Engine may serve any number of threads calling ``generate()`` at once; each
@@ -150,11 +149,8 @@ class Engine:
                                                  components.scheduler_config, self.model_index,
                                                  unet_cfg, self.vae_scale_factor)
         self.scheduler = scheduler
-        self._copy_unet_output = False  # set by compile() in CUDA-graph modes
-        self._graphed = None            # (components, controlnets) replayed from CUDA graphs
-        self._graph_options = None      # (graphs backend, max_graphs) of enable_cuda_graphs()
+        self._init_network_options()
         self._lora_weights = None       # ldm_engine.pipeline.lora.LoraWeights, on the first load_lora()
-        self._compiled_graphs_lock = threading.Lock()  # generate() calls take turns in compile graph modes
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -242,86 +238,30 @@ class Engine:
         _check_scheduler_name(name)
         self._scheduler = name or default_sampler_name(self.components.scheduler_config)
 
-    def compile(self, *, mode: str | None = None, backend: str = "inductor") -> Engine:
-        """torch.compile the U-Net, the ControlNets and the VAE decoder (torch backend only).
+    # ------------------------------------------------------------------ network options
+    # compile(), use_channels_last(), enable_cuda_graphs() / disable_cuda_graphs(): NetworkOptions
+    # (ldm_engine.pipeline.network_options), on the networks named here.
+    def _torch_networks(self) -> list:
+        """U-Net, VAE and ControlNets (the text encoders have no convolutions to re-lay)."""
+        return [self.components.unet, self.components.vae, *self.controlnets]
 
-        Each network compiles as one graph (fullgraph=True: the models have no graph breaks), on the
-        first generate() of each new shape. ``mode="reduce-overhead"`` adds CUDA-graph replay on GPUs.
-        Returns self, so ``Engine.from_pretrained(...).compile()`` reads naturally.
-        """
-        unet = self.components.unet
-        if not isinstance(unet, torch.nn.Module):
-            raise InvalidInputError("compile() needs the torch backend (exported networks are already compiled)")
-        graph_mode = mode in ("reduce-overhead", "max-autotune")
-        if graph_mode and self._graph_options is not None:
-            raise InvalidInputError(f"compile(mode={mode!r}) replays CUDA graphs itself; call disable_cuda_graphs() "
-                                    "first, or compile with the default mode and keep enable_cuda_graphs()")
-        opts = dict(fullgraph=True, mode=mode, backend=backend)
-        # CUDA-graph modes reuse output buffers on the next replay; samplers keep past outputs (PLMS).
-        self._copy_unet_output = graph_mode
-        self.components.unet = torch.compile(unet, **opts)
-        self.controlnets = [torch.compile(net, **opts) for net in self.controlnets]
+    def _compile_networks(self, **options) -> None:
+        """The U-Net, the ControlNets and the VAE decoder."""
+        self.components.unet = torch.compile(self.components.unet, **options)
+        self.controlnets = [torch.compile(net, **options) for net in self.controlnets]
         vae = self.components.vae
-        vae.decode = torch.compile(vae.decode, **opts)  # the instance attribute shadows the method
-        if self._graph_options is not None:  # graphs of the compiled networks from now on
-            self._install_graphs(*self._graph_options)
-        return self
+        vae.decode = torch.compile(vae.decode, **options)  # the instance attribute shadows the method
 
-    def use_channels_last(self, enabled: bool = True) -> Engine:
-        """Keeps the convolution weights of the U-Net, ControlNets and VAE in channels_last (NHWC)
-        memory format, so their activations follow: the layout of cuDNN's tensor-core convolutions,
-        and the one in which the transformer blocks' token view needs no copy. Same images either way
-        (tested); whether it is faster on a GPU: ``benchmarks/bench_pipeline.py`` (variant
-        ``+channels_last``). ``enabled=False`` goes back to contiguous. Returns self.
-        """
-        nets = [self.components.unet, self.components.vae, *self.controlnets]
-        if not all(isinstance(net, torch.nn.Module) for net in nets):
-            raise InvalidInputError("use_channels_last() needs the torch backend (exported networks fix their layout)")
-        fmt = torch.channels_last if enabled else torch.contiguous_format
-        for net in nets:
-            net.to(memory_format=fmt)  # new weight storage: CUDA graphs see it and capture again
-        return self
-
-    def enable_cuda_graphs(self, *, max_graphs: int = 8) -> Engine:
-        """Replays every network call (text encoders, ControlNets, U-Net, VAE) from a CUDA graph.
-
-        The first generate() of each new shape (batch, size, guidance on or off, ControlNet scales)
-        runs each network once to warm up, captures it and replays it; later calls with the same
-        shapes only replay. ``max_graphs``: shapes kept per network (least recently used dropped).
-        Works with compile() in its default mode (either order). See ldm_engine.pipeline.cuda_graphs.
-        Returns self.
-        """
-        if self.device.type != "cuda":
-            raise InvalidInputError(f"enable_cuda_graphs() needs a CUDA device; this engine runs on {self.device}")
-        if not isinstance(self.components.unet, torch.nn.Module):
-            raise InvalidInputError("enable_cuda_graphs() needs the torch backend (exported networks run in their "
-                                    "own runtimes)")
-        if self._copy_unet_output:
-            raise InvalidInputError("this engine was compiled in a CUDA-graph mode (reduce-overhead / max-autotune), "
-                                    "which already replays graphs; compile with the default mode to use both")
-        from ldm_engine.pipeline.cuda_graphs import CudaGraphs
-
-        self._install_graphs(CudaGraphs(), max_graphs)
-        return self
-
-    def disable_cuda_graphs(self) -> Engine:
-        """Back to eager network calls; the captured graphs and their memory are released."""
-        self._graphed = self._graph_options = None
-        return self
-
-    def _install_graphs(self, graphs, max_graphs: int) -> None:
-        from ldm_engine.pipeline.cuda_graphs import GraphedCallable, Proxy
-
-        def wrap(fn, owner):
-            return GraphedCallable(fn, owner, graphs, max_graphs=max_graphs)
+    def _graph_networks(self, wrap):
+        """Text encoders, ControlNets, U-Net, VAE encoder and decoder: (components, controlnets)."""
+        from ldm_engine.pipeline.cuda_graphs import Proxy
 
         c = self.components
         vae = Proxy(c.vae, encode=wrap(c.vae.encode, c.vae), decode=wrap(c.vae.decode, c.vae))
         comps = dataclasses.replace(
             c, unet=wrap(c.unet, c.unet), vae=vae, text_encoder=wrap(c.text_encoder, c.text_encoder),
             text_encoder_2=None if c.text_encoder_2 is None else wrap(c.text_encoder_2, c.text_encoder_2))
-        self._graphed = (comps, [wrap(net, net) for net in self.controlnets])
-        self._graph_options = (graphs, max_graphs)
+        return comps, [wrap(net, net) for net in self.controlnets]
 
     # ------------------------------------------------------------------ LoRA adapters
     def load_lora(self, path_or_repo_id, *, scale: float = 1.0, name: str | None = None) -> str:
@@ -397,8 +337,7 @@ class Engine:
                              seed, latents, image, strength, control_image, controlnet_conditioning_scale,
                              num_images_per_prompt, output_type, mask_image)
         args.callback = check_callback(callback)
-        serial = self._compiled_graphs_lock if self._copy_unet_output else contextlib.nullcontext()
-        with serial, torch.inference_mode():
+        with self._generate_lock(), torch.inference_mode():
             return self._run(args, t_start)
 
     def _run(self, a: Request, t_start: float) -> GenerateResult:

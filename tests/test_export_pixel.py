@@ -8,6 +8,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from ldm_engine import Engine  # noqa: E402
+from ldm_engine.errors import InvalidInputError  # noqa: E402
 from ldm_engine.export import contracts as C  # noqa: E402
 from ldm_engine.export.exporter import ExportOptionError, ExportOptions, export_model  # noqa: E402
 from ldm_engine.pipeline.unconditional import PixelEngine  # noqa: E402
@@ -48,3 +49,9 @@ def test_export_and_onnxruntime_backend_match_torch(tmp_path, one_thread):
         a = ref.generate(num_inference_steps=4, seed=3, output_type="np", **kw).images
         b = ort.generate(num_inference_steps=4, seed=3, output_type="np", **kw).images
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-3
+    # the torch-only network options refuse the exported U-Net, and the engine keeps working
+    for option in (ort.compile, ort.use_channels_last, ort.enable_cuda_graphs):
+        with pytest.raises(InvalidInputError, match="needs the torch backend"):
+            option()
+    assert np.abs(ort.generate(num_inference_steps=4, seed=3, output_type="np").images
+                  - ref.generate(num_inference_steps=4, seed=3, output_type="np").images).max() <= 1e-3

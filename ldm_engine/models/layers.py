@@ -22,7 +22,7 @@ from ldm_engine import ops
 
 __all__ = [
     "ConfigBase", "require", "per_block",
-    "timestep_embedding", "Timesteps", "TimestepEmbedding",
+    "batch_timesteps", "timestep_embedding", "Timesteps", "TimestepEmbedding",
     "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D",
     "Attention", "SpatialSelfAttention", "GEGLU", "FeedForward", "TransformerBlock", "Transformer2D",
 ]
@@ -80,6 +80,15 @@ def per_block(owner: str, key: str, value: Any, num_blocks: int) -> list:
 # ---------------------------------------------------------------------------------------------
 # Time embedding
 # ---------------------------------------------------------------------------------------------
+
+def batch_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
+    """A U-Net's timestep argument (tensor or number; 0-d, (1,) or (N,)) -> (N,) on the sample's device."""
+    batch = sample.shape[0]
+    t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"timestep must be 0-d or of shape ({batch},) or (1,), got {tuple(t.shape)}")
+    return t.to(sample.device).reshape(-1).expand(batch)
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> torch.Tensor:

@@ -11,7 +11,9 @@ Naming legacy: in SD1/SD2/SDXL configs ``attention_head_dim`` is the number of h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from torch import nn
 
 from ldm_engine.models.layers import (
     ConfigBase, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Timesteps, Transformer2D,
-    Upsample2D, per_block, require,
+    Upsample2D, batch_timesteps, per_block, require,
 )
 
 __all__ = ["UNetEncoderConfig", "UNetConfig", "UNetEncoder", "UNet2DConditionModel",
@@ -171,45 +173,58 @@ class UNetConfig(UNetEncoderConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks. Each takes the config and its index; per-block values come from the config helpers.
+# Blocks, shared with the pixel-space U-Net (models/unet_2d.py), whose configs use the same key
+# names. Each block takes the config and its index, and builds its attention modules (if any)
+# with ``make_attention()``: cross-attention Transformer2Ds here, self-attention in the pixel
+# U-Net. Their forward passes ``*context`` (the text tokens here, nothing there) to the attention.
 # ---------------------------------------------------------------------------------------------
 
-def _transformer(config: UNetEncoderConfig, channels: int, heads: int, layers: int,
-                 cross_attention_dim: int) -> Transformer2D:
-    return Transformer2D(channels, heads, num_layers=layers, cross_attention_dim=cross_attention_dim,
+def _transformer(config: UNetEncoderConfig, level: int) -> Transformer2D:
+    """The Transformer2D of block ``level`` (down-block order; -1: the mid block)."""
+    return Transformer2D(config.block_out_channels[level], config.heads_per_block()[level],
+                         num_layers=config.transformer_layers()[level],
+                         cross_attention_dim=config.cross_attention_dims()[level],
                          groups=config.norm_num_groups, linear_projection=config.use_linear_projection)
 
 
-class DownBlock(nn.Module):
-    """DownBlock2D / CrossAttnDownBlock2D: ``layers_per_block`` resnets (each followed by a
-    Transformer2D with cross-attention), then a stride-2 downsampler unless last."""
+def _cross_attention(config: UNetEncoderConfig, level: int, block_type: str) -> Callable[[], nn.Module] | None:
+    """make_attention of a block of ``block_type`` at ``level``: None for a block without attention."""
+    if block_type not in (CROSS_ATTN_DOWN, CROSS_ATTN_UP):
+        return None
+    return functools.partial(_transformer, config, level)
 
-    def __init__(self, config: UNetEncoderConfig, index: int):
+
+def _resnet_args(config, **extra) -> dict:
+    return dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps, **extra)
+
+
+class DownBlock(nn.Module):
+    """DownBlock2D, or with ``make_attention`` CrossAttnDownBlock2D / AttnDownBlock2D:
+    ``layers_per_block`` resnets, each followed by an attention module, then a stride-2
+    downsampler unless last."""
+
+    def __init__(self, config, index: int, make_attention: Callable[[], nn.Module] | None = None):
         super().__init__()
         channels = config.block_out_channels
         out_ch = channels[index]
         in_ch = channels[max(index - 1, 0)]
-        resnet = dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, **resnet) for j in range(config.layers_per_block))
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, **_resnet_args(config))
+                                     for j in range(config.layers_per_block))
         self.attentions = None
-        if config.down_block_types[index] == CROSS_ATTN_DOWN:
-            self.attentions = nn.ModuleList(
-                _transformer(config, out_ch, config.heads_per_block()[index], config.transformer_layers()[index],
-                             config.cross_attention_dims()[index])
-                for _ in range(config.layers_per_block))
+        if make_attention is not None:
+            self.attentions = nn.ModuleList(make_attention() for _ in range(config.layers_per_block))
         self.downsamplers = None
         if index < config.num_blocks - 1:
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=config.downsample_padding)])
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, *context: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns the output and the skip tensors it adds for the up path."""
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb_act)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, *context)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -218,30 +233,30 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """UNetMidBlock2DCrossAttn: resnet, Transformer2D, resnet."""
+    """UNetMidBlock2DCrossAttn / UNetMidBlock2D: resnet, attention (unless ``make_attention`` is
+    None), resnet."""
 
-    def __init__(self, config: UNetEncoderConfig):
+    def __init__(self, config, make_attention: Callable[[], nn.Module] | None = None):
         super().__init__()
         ch = config.block_out_channels[-1]
-        resnet = dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps,
-                      output_scale_factor=config.mid_block_scale_factor)
+        resnet = _resnet_args(config, output_scale_factor=config.mid_block_scale_factor)
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, **resnet), ResnetBlock2D(ch, ch, **resnet)])
-        self.attentions = nn.ModuleList([_transformer(config, ch, config.heads_per_block()[-1],
-                                                      config.transformer_layers()[-1],
-                                                      config.cross_attention_dims()[-1])])
+        self.attentions = None if make_attention is None else nn.ModuleList([make_attention()])
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb_act)
-        x = self.attentions[0](x, context)
+        if self.attentions is not None:
+            x = self.attentions[0](x, *context)
         return self.resnets[1](x, temb_act)
 
 
 class UpBlock(nn.Module):
-    """UpBlock2D / CrossAttnUpBlock2D: ``layers_per_block + 1`` resnets, each on
-    concat([x, skip]) and followed by a Transformer2D with cross-attention; then an upsampler
-    unless last. Up block ``index`` mirrors down block ``num_blocks - 1 - index``."""
+    """UpBlock2D, or with ``make_attention`` CrossAttnUpBlock2D / AttnUpBlock2D:
+    ``layers_per_block + 1`` resnets, each on concat([x, skip]) and followed by an attention
+    module; then an upsampler unless last. Up block ``index`` mirrors down block
+    ``num_blocks - 1 - index``."""
 
-    def __init__(self, config: UNetConfig, index: int):
+    def __init__(self, config, index: int, make_attention: Callable[[], nn.Module] | None = None):
         super().__init__()
         n = config.num_blocks
         mirror = n - 1 - index
@@ -250,26 +265,22 @@ class UpBlock(nn.Module):
         prev_ch = channels[min(mirror + 1, n - 1)]  # what the previous up block (or mid block) outputs
         skip_in_ch = channels[max(mirror - 1, 0)]  # the last skip comes from the block before the mirror
         num_layers = config.layers_per_block + 1
-        resnet = dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps)
         self.resnets = nn.ModuleList(
             ResnetBlock2D((prev_ch if j == 0 else out_ch) + (skip_in_ch if j == num_layers - 1 else out_ch),
-                          out_ch, **resnet)
+                          out_ch, **_resnet_args(config))
             for j in range(num_layers))
         self.attentions = None
-        if config.up_block_types[index] == CROSS_ATTN_UP:
-            self.attentions = nn.ModuleList(
-                _transformer(config, out_ch, config.heads_per_block()[mirror], config.transformer_layers()[mirror],
-                             config.cross_attention_dims()[mirror])
-                for _ in range(num_layers))
+        if make_attention is not None:
+            self.attentions = nn.ModuleList(make_attention() for _ in range(num_layers))
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if index < n - 1 else None
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb_act: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb_act: torch.Tensor, *context: torch.Tensor,
                 upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``skips``: this block's skip tensors in down-path order (consumed last first)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb_act)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, *context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -295,8 +306,10 @@ class UNetEncoder(nn.Module):
             self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim,
                                                    config.time_embed_dim)
-        self.down_blocks = nn.ModuleList(DownBlock(config, i) for i in range(config.num_blocks))
-        self.mid_block = MidBlock(config)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(config, i, _cross_attention(config, i, config.down_block_types[i]))
+            for i in range(config.num_blocks))
+        self.mid_block = MidBlock(config, functools.partial(_transformer, config, -1))
 
     # The engine reads .dtype / .device of its networks (exported backends' wrappers have them too).
     @property
@@ -310,12 +323,7 @@ class UNetEncoder(nn.Module):
     def embed_time(self, sample: torch.Tensor, timestep, text_embeds: torch.Tensor | None,
                    time_ids: torch.Tensor | None) -> torch.Tensor:
         """Time embedding (N, 4*C0), plus the SDXL added conditioning (pooled text + 6 time ids)."""
-        batch = sample.shape[0]
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
-            raise ValueError(f"timestep must be 0-d or of shape ({batch},) or (1,), got {tuple(t.shape)}")
-        t = t.to(sample.device).reshape(-1).expand(batch)
-        emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        emb = self.time_embedding(self.time_proj(batch_timesteps(timestep, sample)).to(sample.dtype))
         if self.add_embedding is None:
             if text_embeds is not None or time_ids is not None:
                 raise ValueError("text_embeds/time_ids given, but this model's config has no "
@@ -353,7 +361,10 @@ class UNet2DConditionModel(UNetEncoder):
         if not isinstance(config, UNetConfig):
             raise TypeError(f"UNet2DConditionModel needs a UNetConfig, got {type(config).__name__}")
         super().__init__(config)
-        self.up_blocks = nn.ModuleList(UpBlock(config, i) for i in range(config.num_blocks))
+        n = config.num_blocks
+        self.up_blocks = nn.ModuleList(
+            UpBlock(config, i, _cross_attention(config, n - 1 - i, config.up_block_types[i]))
+            for i in range(n))
         c0 = config.block_out_channels[0]
         self.conv_norm_out = GroupNorm(config.norm_num_groups, c0, config.norm_eps, silu=True)
         k = config.conv_out_kernel
@@ -402,7 +413,7 @@ class UNet2DConditionModel(UNetEncoder):
             n = len(block.resnets)
             skips, block_skips = skips[:-n], skips[-n:]
             upsample_size = skips[-1].shape[-2:] if block.upsamplers is not None else None
-            sample = block(sample, block_skips, temb_act, encoder_hidden_states, upsample_size)
+            sample = block(sample, block_skips, temb_act, encoder_hidden_states, upsample_size=upsample_size)
 
         # 6. post-process
         return self.conv_out(self.conv_norm_out(sample))

@@ -2,25 +2,29 @@
 compatible with diffusers' ``UNet2DModel``.
 
 Blocks: ``DownBlock2D`` / ``AttnDownBlock2D``, ``UNetMidBlock2D`` (optionally without attention),
-``UpBlock2D`` / ``AttnUpBlock2D``; sinusoidal ("positional") timestep embedding. The attention blocks
-are GroupNorm + multi-head self-attention over the H*W pixels with a residual (diffusers'
-``_from_deprecated_attn_block`` attention); ``attention_head_dim=None`` means one head of all channels.
+``UpBlock2D`` / ``AttnUpBlock2D``: the conditional U-Net's DownBlock / MidBlock / UpBlock
+(models/unet.py) given self-attention instead of cross-attention; sinusoidal ("positional") timestep
+embedding. The attention blocks are GroupNorm + multi-head self-attention over the H*W pixels with a
+residual (diffusers' ``_from_deprecated_attn_block`` attention); ``attention_head_dim=None`` means one
+head of all channels.
 Unlike the conditional U-Net, the up blocks always upsample 2x (as diffusers' UNet2DModel), so the
 image size must be a multiple of ``2 ** (len(block_out_channels) - 1)``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm_engine.models.layers import (
-    ConfigBase, Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, TimestepEmbedding, Timesteps,
-    Upsample2D, require,
+    ConfigBase, GroupNorm, SpatialSelfAttention, TimestepEmbedding, Timesteps, batch_timesteps, require,
 )
+from ldm_engine.models.unet import DownBlock, MidBlock, UpBlock
 
 __all__ = ["UNet2DConfig", "UNet2DModel"]
 
@@ -101,96 +105,21 @@ class UNet2DConfig(ConfigBase):
         require(owner, "num_class_embeds", self.num_class_embeds, (None,))
 
 
-def _attention(config: UNet2DConfig, channels: int, groups: int | None = None) -> SpatialSelfAttention:
+def _attention(config: UNet2DConfig, level: int, groups: int | None = None,
+               rescale_output_factor: float = 1.0) -> SpatialSelfAttention:
+    """The self-attention of block ``level`` (down-block order; -1: the mid block)."""
+    channels = config.block_out_channels[level]
     return SpatialSelfAttention(channels, groups=groups or config.norm_num_groups, eps=config.norm_eps,
-                                head_dim=config.attention_head_dim or channels)
+                                head_dim=config.attention_head_dim or channels,
+                                rescale_output_factor=rescale_output_factor)
 
 
-class PixelDownBlock(nn.Module):
-    """DownBlock2D / AttnDownBlock2D: resnets (each followed by self-attention in the Attn variant),
-    then a stride-2 conv unless last."""
-
-    def __init__(self, config: UNet2DConfig, index: int):
-        super().__init__()
-        channels = config.block_out_channels
-        in_ch, out_ch = channels[max(index - 1, 0)], channels[index]
-        resnet = dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, **resnet) for j in range(config.layers_per_block))
-        self.attentions = None
-        if config.down_block_types[index] == ATTN_DOWN:
-            self.attentions = nn.ModuleList(_attention(config, out_ch) for _ in range(config.layers_per_block))
-        self.downsamplers = None
-        if index < config.num_blocks - 1:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=config.downsample_padding)])
-
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_act)
-            if self.attentions is not None:
-                x = self.attentions[j](x)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
-
-
-class PixelMidBlock(nn.Module):
-    """UNetMidBlock2D: resnet, self-attention (unless ``add_attention=False``), resnet."""
-
-    def __init__(self, config: UNet2DConfig):
-        super().__init__()
-        ch, scale = config.block_out_channels[-1], config.mid_block_scale_factor
-        resnet = dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps,
-                      output_scale_factor=scale)
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, **resnet), ResnetBlock2D(ch, ch, **resnet)])
-        self.attentions = None
-        if config.add_attention:
-            attn = _attention(config, ch, config.attn_norm_num_groups)
-            attn.rescale_output_factor = scale
-            self.attentions = nn.ModuleList([attn])
-
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x, temb_act)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x, temb_act)
-
-
-class PixelUpBlock(nn.Module):
-    """UpBlock2D / AttnUpBlock2D: ``layers_per_block + 1`` resnets on concat([x, skip]) (each followed
-    by self-attention in the Attn variant), then a 2x upsampler unless last. Up block ``index``
-    mirrors down block ``num_blocks - 1 - index``."""
-
-    def __init__(self, config: UNet2DConfig, index: int):
-        super().__init__()
-        n = config.num_blocks
-        mirror = n - 1 - index
-        channels = config.block_out_channels
-        out_ch = channels[mirror]
-        prev_ch = channels[min(mirror + 1, n - 1)]
-        skip_in_ch = channels[max(mirror - 1, 0)]
-        num_layers = config.layers_per_block + 1
-        resnet = dict(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D((prev_ch if j == 0 else out_ch) + (skip_in_ch if j == num_layers - 1 else out_ch),
-                          out_ch, **resnet)
-            for j in range(num_layers))
-        self.attentions = None
-        if config.up_block_types[index] == ATTN_UP:
-            self.attentions = nn.ModuleList(_attention(config, out_ch) for _ in range(num_layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if index < n - 1 else None
-
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb_act: torch.Tensor) -> torch.Tensor:
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb_act)
-            if self.attentions is not None:
-                x = self.attentions[j](x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+def _self_attention(config: UNet2DConfig, level: int, block_type: str) -> Callable[[], nn.Module] | None:
+    """make_attention of a block of ``block_type`` at ``level`` (unet.DownBlock / UpBlock): None
+    for DownBlock2D / UpBlock2D."""
+    if block_type not in (ATTN_DOWN, ATTN_UP):
+        return None
+    return functools.partial(_attention, config, level)
 
 
 class UNet2DModel(nn.Module):
@@ -205,9 +134,16 @@ class UNet2DModel(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
         self.time_proj = Timesteps(c0, config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
-        self.down_blocks = nn.ModuleList(PixelDownBlock(config, i) for i in range(config.num_blocks))
-        self.mid_block = PixelMidBlock(config) if config.mid_block_type is not None else None
-        self.up_blocks = nn.ModuleList(PixelUpBlock(config, i) for i in range(config.num_blocks))
+        n = config.num_blocks
+        self.down_blocks = nn.ModuleList(DownBlock(config, i, _self_attention(config, i, config.down_block_types[i]))
+                                         for i in range(n))
+        self.mid_block = None
+        if config.mid_block_type is not None:
+            mid_attention = functools.partial(_attention, config, -1, config.attn_norm_num_groups,
+                                              config.mid_block_scale_factor) if config.add_attention else None
+            self.mid_block = MidBlock(config, mid_attention)
+        self.up_blocks = nn.ModuleList(UpBlock(config, i, _self_attention(config, n - 1 - i, config.up_block_types[i]))
+                                       for i in range(n))
         self.conv_norm_out = GroupNorm(config.norm_num_groups, c0, config.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
 
@@ -223,11 +159,7 @@ class UNet2DModel(nn.Module):
         """sample (N, C, H, W), H and W multiples of ``config.size_multiple``; timestep 0-d, (1,) or (N,)."""
         if sample.dim() != 4:
             raise ValueError(f"sample must be (N, C, H, W), got shape {tuple(sample.shape)}")
-        batch = sample.shape[0]
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
-            raise ValueError(f"timestep must be 0-d or of shape ({batch},) or (1,), got {tuple(t.shape)}")
-        t = t.to(sample.device).reshape(-1).expand(batch)
+        t = batch_timesteps(timestep, sample)
         temb_act = F.silu(self.time_embedding(self.time_proj(t).to(self.dtype)))
 
         if self.config.center_input_sample:

@@ -13,6 +13,7 @@ one noise per step, all from one CPU generator in that order, before the loop ru
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 
@@ -21,6 +22,7 @@ import torch
 from ldm_engine.errors import InvalidInputError
 from ldm_engine.pipeline import validation as check
 from ldm_engine.pipeline.images import postprocess
+from ldm_engine.pipeline.network_options import NetworkOptions
 from ldm_engine.pipeline.request import MAX_SIZE
 from ldm_engine.pipeline.timing import StageTimer
 
@@ -30,8 +32,13 @@ _CONDITIONING = ("negative_prompt", "guidance_scale", "image", "strength", "cont
                  "controlnet_conditioning_scale", "mask_image", "callback")
 
 
-class PixelEngine:
-    """Holds an unconditional UNet2DModel and its scheduler config; ``generate()`` samples images."""
+class PixelEngine(NetworkOptions):
+    """Holds an unconditional UNet2DModel and its scheduler config; ``generate()`` samples images.
+
+    compile(), use_channels_last() and enable_cuda_graphs() act on the U-Net as the latent Engine's
+    do on its networks (ldm_engine.pipeline.network_options); DDPM's 1000 U-Net calls per image
+    are where graph replay saves the most host time.
+    """
 
     def __init__(self, components, *, device=None, dtype=None, scheduler: str | None = None, name: str | None = None):
         from ldm_engine.engine import _module_dtype, resolve_device, resolve_dtype
@@ -52,6 +59,7 @@ class PixelEngine:
         self.height, self.width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.num_train_timesteps = int(components.scheduler_config.get("num_train_timesteps", 1000))
         self.scheduler = scheduler
+        self._init_network_options()
 
     @staticmethod
     def handles(path_or_repo_id, *, backend: str = "torch", engine_dir=None, config=None) -> bool:
@@ -117,21 +125,21 @@ class PixelEngine:
                                     f"unconditional pixel model, got {name!r}")
         return name
 
-    def compile(self, *, mode: str | None = None, backend: str = "inductor") -> PixelEngine:
-        """torch.compile the U-Net as one graph (fullgraph=True), on the first generate() of each new
-        shape; torch backend only. Returns self."""
+    # compile(), use_channels_last(), enable_cuda_graphs() / disable_cuda_graphs(): NetworkOptions
+    # (ldm_engine.pipeline.network_options) on the one network, the U-Net.
+    def _torch_networks(self) -> list:
+        return [self.components.unet]
+
+    def _compile_networks(self, **options) -> None:
+        self.components.unet = torch.compile(self.components.unet, **options)
+
+    def _graph_networks(self, wrap):
         unet = self.components.unet
-        if not isinstance(unet, torch.nn.Module):
-            raise InvalidInputError("compile() needs the torch backend (exported networks are already compiled)")
-        compiled = torch.compile(unet, fullgraph=True, mode=mode, backend=backend)
-        if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs reuse the output; PLMS keeps old ones
-            def compiled_unet(x, t, _net=compiled):
-                return _net(x, t).clone()
-            compiled_unet.config = unet.config
-            self.components.unet = compiled_unet
-        else:
-            self.components.unet = compiled
-        return self
+        return dataclasses.replace(self.components, unet=wrap(unet, unet))
+
+    def _networks(self):
+        """The components generate() calls: the graphed ones when graphs are on."""
+        return self._graphed if self._graphed is not None else self.components
 
     def __repr__(self) -> str:
         return (f"PixelEngine({self.name!r}, {self.height}x{self.width}, device={self.device}, dtype={self.dtype}, "
@@ -186,7 +194,7 @@ class PixelEngine:
             raise InvalidInputError(str(e)) from None
         seed = secrets.randbits(63) if seed is None else seed
 
-        with torch.inference_mode():
+        with self._generate_lock(), torch.inference_mode():
             # all randomness first, in diffusers' order: the initial image, then one draw per step
             gen = torch.Generator("cpu").manual_seed(seed)
             noise = latents.float() if latents is not None else torch.randn(shape, generator=gen).to(self.device)
@@ -195,13 +203,13 @@ class PixelEngine:
                 noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)])
                 noises = noises.to(self.device)
             timer, marks = StageTimer(self.device), []
-            unet, dtype = self.components.unet, self.dtype
+            unet, dtype, copy_output = self._networks().unet, self.dtype, self._copy_unet_output
 
             def model_fn(x, t):
                 m0 = timer.mark()
                 out = unet(x.to(dtype), t).to(x.dtype)
                 marks.append((m0, timer.mark()))
-                return out
+                return out.clone() if copy_output else out
 
             x0 = sample(schedule, model_fn, noise * schedule.init_noise_sigma, noises)
             end = timer.mark()
