@@ -83,14 +83,16 @@ def format_timings(timings: dict) -> str:
     rows = [("text_encoder", timings.get("text_encoder", 0.0), "")]
     if timings.get("vae_encode"):
         rows.append(("vae_encode", timings["vae_encode"], ""))
+    if timings.get("controlnet_hint"):
+        rows.append(("controlnet_hint", timings["controlnet_hint"], "control images embedded, once"))
     for stage in ("controlnet", "unet"):
         steps = timings.get(stage) or []
         if steps:
             rows.append((stage, sum(steps), f"{len(steps)} step(s), {sum(steps) / len(steps):.1f} ms/step"))
     rows.append(("vae_decode", timings.get("vae_decode", 0.0), ""))
     rows.append(("total", timings.get("total", 0.0), "wall clock, incl. checks and image conversion"))
-    lines = [f"{'stage':<14}{'ms':>10}  note", "-" * 60]
-    lines += [f"{name:<14}{ms:>10.1f}  {note}".rstrip() for name, ms, note in rows]
+    lines = [f"{'stage':<16}{'ms':>10}  note", "-" * 60]
+    lines += [f"{name:<16}{ms:>10.1f}  {note}".rstrip() for name, ms, note in rows]
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ import torch
 from ldm_engine.errors import BackendUnavailableError, InvalidInputError
 from ldm_engine.pipeline import finite, inpaint, preview
 from ldm_engine.pipeline.conditioning import encode_prompts
+from ldm_engine.pipeline.controlnet import controlnet_residuals, prepare_controls
 from ldm_engine.pipeline.defaults import (Defaults, model_defaults, read_model_index, vae_dtype_for,
                                           vae_needs_fp32)
 from ldm_engine.pipeline.images import expand_batch, postprocess
@@ -44,7 +45,8 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 @dataclass
 class GenerateResult:
     images: Any                 # list[PIL.Image] | np.ndarray (N, H, W, 3) | torch.Tensor (N, 3, H, W)
-    timings: dict = field(default_factory=dict)   # ms: text_encoder, vae_encode, controlnet[], unet[], vae_decode, total
+    timings: dict = field(default_factory=dict)   # ms: text_encoder, vae_encode, controlnet_hint, controlnet[],
+    #                                               unet[], vae_decode, total (see Engine.generate)
     seed: int | None = None     # the seed used (drawn at random when none was given)
 
 
@@ -330,7 +332,9 @@ class Engine(NetworkOptions):
         callback: called after every step with a Step (index, timestep, latents, preview()); returning
             False stops early (the latents of that step are decoded as usual). See ldm_engine.pipeline.preview.
         Returns GenerateResult(images, timings in ms, seed). timings["unet"] (and ["controlnet"]) hold
-        one entry per U-Net call (PNDM makes one call more than it has steps).
+        one entry per U-Net call (PNDM makes one call more than it has steps). timings["controlnet_hint"]:
+        embedding the control images, done once per call before the first step and not part of the
+        per-step ["controlnet"] entries (0.0 without ControlNets; exported ControlNets embed in every step).
         """
         t_start = time.perf_counter()
         args = check_request(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
@@ -376,11 +380,8 @@ class Engine(NetworkOptions):
         noises = None
         if schedule.needs_noise:  # one draw per step, like the diffusers schedulers' step()
             noises = torch.stack([torch.randn(shape, generator=gen) for _ in range(schedule.num_steps)]).to(dev)
-        controls = []
-        for c in a.controls:
-            hint = expand_batch(c.to_tensor(a.height, a.width), n_prompts, n, "control_image")
-            hint = hint.to(dev, self.unet_dtype)
-            controls.append(torch.cat([hint, hint]) if a.do_cfg else hint)
+        hints = [expand_batch(c.to_tensor(a.height, a.width), n_prompts, n, "control_image").to(dev, self.unet_dtype)
+                 for c in a.controls]
 
         # 2. Text conditioning.
         m_text0 = timer.mark()
@@ -406,11 +407,13 @@ class Engine(NetworkOptions):
         else:  # text-to-image, and inpainting at strength 1.0 (as diffusers): pure noise
             x = noise * schedule.init_noise_sigma
         m_enc = timer.mark()
+        # Each control image embedded once, for every step and both guidance halves (pipeline/controlnet.py).
+        controls = prepare_controls(nets, hints, a.scales, do_cfg=a.do_cfg, latent_size=shape[-2:])
+        m_hint = timer.mark()
 
         # 4. Denoising loop.
         step_marks: list[tuple] = []
-        model_fn = self._model_fn(comps.unet, nets, cond, controls, a.scales, a.guidance, a.do_cfg, timer,
-                                  step_marks, extra)
+        model_fn = self._model_fn(comps.unet, controls, cond, a.guidance, a.do_cfg, timer, step_marks, extra)
         hook = preview.callback_hook(a.callback, schedule, preview.vae_decoder(self.preview_vae))
         x0 = preview.run_sampler(schedule, model_fn, x, noises, after_step=preview.compose(blend, hook))
         m_loop = timer.mark()
@@ -430,6 +433,7 @@ class Engine(NetworkOptions):
         timings = {
             "text_encoder": timer.ms(m_text0, m_text1),
             "vae_encode": timer.ms(m_text1, m_enc) if a.init is not None else 0.0,
+            "controlnet_hint": timer.ms(m_enc, m_hint) if self.controlnets else 0.0,
             "controlnet": [timer.ms(s0, s1) for s0, s1, _ in step_marks] if self.controlnets else [],
             "unet": [timer.ms(s1, s2) for _, s1, s2 in step_marks],
             "vae_decode": timer.ms(m_loop, m_dec) if a.output_type != "latent" else 0.0,
@@ -437,7 +441,7 @@ class Engine(NetworkOptions):
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         return GenerateResult(images=images, timings=timings, seed=a.seed)
 
-    def _model_fn(self, unet, nets, cond, controls, scales, guidance, do_cfg, timer, step_marks, extra=None):
+    def _model_fn(self, unet, controls, cond, guidance, do_cfg, timer, step_marks, extra=None):
         """model_fn(x, t) -> guided eps / v for the sampler: one U-Net call for both CFG halves.
         extra: channels appended to the U-Net's input only (inpainting models' mask and masked image)."""
         dtype = self.unet_dtype
@@ -449,28 +453,11 @@ class Engine(NetworkOptions):
             x_in = x.to(dtype)
             if do_cfg:
                 x_in = torch.cat([x_in, x_in])
-            down = mid = None
-            for net, hint, s in zip(nets, controls, scales):
-                if do_cfg and getattr(net.config, "global_pool_conditions", False):
-                    # As diffusers (guess mode): such a net sees only the conditional half; the
-                    # unconditional half gets zero residuals.
-                    h = x_in.shape[0] // 2
-                    d, m = net(x_in[h:], t, ehs[h:], hint[h:], conditioning_scale=s,
-                               text_embeds=None if text_embeds is None else text_embeds[h:],
-                               time_ids=None if time_ids is None else time_ids[h:])
-                    d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
-                else:
-                    d, m = net(x_in, t, ehs, hint, conditioning_scale=s, text_embeds=text_embeds,
-                               time_ids=time_ids)
-                if down is None:
-                    down, mid = list(d), m
-                else:  # multi-ControlNet: residuals add up
-                    down, mid = [a + b for a, b in zip(down, d)], mid + m
+            down, mid = controlnet_residuals(controls, x_in, t, cond)
             m1 = timer.mark()
             u_in = x_in if extra is None else torch.cat([x_in, extra], dim=1)  # inpainting models: 9 channels
             out = unet(u_in, t, ehs, text_embeds=text_embeds, time_ids=time_ids,
-                       down_block_additional_residuals=None if down is None else tuple(down),
-                       mid_block_additional_residual=mid)
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid)
             if do_cfg:
                 uncond, cond_ = out.chunk(2)
                 out = uncond + guidance * (cond_ - uncond)

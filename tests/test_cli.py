@@ -112,8 +112,9 @@ class _no_raise:
 
 
 def test_format_timings():
-    table = format_timings({"text_encoder": 1.5, "vae_encode": 0.0, "controlnet": [1.0, 3.0],
+    table = format_timings({"text_encoder": 1.5, "vae_encode": 0.0, "controlnet_hint": 4.0, "controlnet": [1.0, 3.0],
                             "unet": [10.0, 20.0], "vae_decode": 5.0, "total": 50.0})
     assert "controlnet" in table and "2 step(s), 2.0 ms/step" in table
+    assert "controlnet_hint        4.0" in table
     assert "unet" in table and "15.0 ms/step" in table and "vae_encode" not in table
     assert table.splitlines()[-1].split()[:2] == ["total", "50.0"]

@@ -96,3 +96,44 @@ def test_hint_size_mismatch_raises():
     sample, timestep, context, hint, _ = make_inputs("sd", torch.Generator().manual_seed(18))
     with torch.no_grad(), pytest.raises(ValueError, match="8x the latent size"):
         ours(sample, timestep, context, hint[..., :40, :40])
+
+
+# ------------------------------------------------------------------ the hint embedded once (embed_hint)
+@pytest.mark.parametrize("kind,overrides", [("sd", {}), ("sdxl", {}),
+                                            ("sd", dict(controlnet_conditioning_channel_order="bgr",
+                                                        global_pool_conditions=True))])
+def test_precomputed_hint_features_match_pixels_and_diffusers(kind, overrides):
+    ours, ref = build_pair(kind, seed=19, **overrides)
+    sample, timestep, context, hint, extra = make_inputs(kind, torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        ref_down, ref_mid = ref(sample, timestep, context, hint, conditioning_scale=0.6,
+                                added_cond_kwargs=extra or None, return_dict=False)
+        features = ours.embed_hint(hint, LATENT_HW)
+        down, mid = ours(sample, timestep, context, hint_features=features, conditioning_scale=0.6, **extra)
+        px_down, px_mid = ours(sample, timestep, context, hint, conditioning_scale=0.6, **extra)
+    assert features.shape == (BATCH, CONFIGS[kind]["block_out_channels"][0], *LATENT_HW)
+    for got, from_pixels, expected in zip((*down, mid), (*px_down, px_mid), (*ref_down, ref_mid)):
+        assert torch.equal(got, from_pixels)  # the same computation, only split in two
+        assert rel_err(got, expected) <= TOL
+
+
+def test_embed_hint_and_forward_argument_errors():
+    ours, _ = build_pair("sd", seed=21)
+    sample, timestep, context, hint, _ = make_inputs("sd", torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        features = ours.embed_hint(hint)
+        with pytest.raises(ValueError, match="exactly one of controlnet_cond .* got both"):
+            ours(sample, timestep, context, hint, hint_features=features)
+        with pytest.raises(ValueError, match="exactly one of controlnet_cond .* got neither"):
+            ours(sample, timestep, context)
+        for bad in (features[:1], features[:, :-1], features[..., :-1, :]):
+            with pytest.raises(ValueError, match=r"hint_features has shape .*expected \(2, 32, 13, 10\)"):
+                ours(sample, timestep, context, hint_features=bad)
+        with pytest.raises(ValueError, match="4-D"):
+            ours.embed_hint(hint[0])
+        with pytest.raises(ValueError, match="conditioning_channels=3"):
+            ours.embed_hint(hint[:, :2])
+        with pytest.raises(ValueError, match=r"embeds to \(5, 5\), latents are \(13, 10\).*8x the latent size"):
+            ours.embed_hint(hint[..., :40, :40], LATENT_HW)
+        with pytest.raises(ValueError, match="sample must be 4-D"):
+            ours(sample[0], timestep, context, hint_features=features)

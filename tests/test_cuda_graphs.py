@@ -112,6 +112,28 @@ def test_controlnet_scale_is_part_of_the_signature(paths):
     assert engine._networks()[1][0].num_graphs == 2
 
 
+def test_graphed_controlnet_takes_the_embedded_hint_as_a_static_input(paths):
+    """The hint is embedded once per generate(), eagerly; the ControlNet graph's tensor inputs hold the
+    features (refreshed on every replay), not the pixels."""
+    nets = [paths["controlnet-sd"]]
+    eager = Engine.from_pretrained(paths["sd15"], controlnet=nets)
+    engine = Engine.from_pretrained(paths["sd15"], controlnet=nets)
+    _graphed(engine)
+    embedded = []
+    engine.controlnets[0].controlnet_cond_embedding.register_forward_hook(lambda m, a, o: embedded.append(a[0].shape))
+    kw = dict(num_inference_steps=2, guidance_scale=4.0, output_type="np")
+    for seed in (0, 1):  # new control image, same shapes: replayed with the new features
+        np.testing.assert_allclose(engine.generate(PROMPT, control_image=_control(seed), seed=seed, **kw).images,
+                                   eager.generate(PROMPT, control_image=_control(seed), seed=seed, **kw).images,
+                                   rtol=0, atol=1e-6)
+    assert embedded == [(1, 3, 32, 32)] * 2
+    (entry,) = engine._networks()[1][0]._entries.values()
+    shapes = [tuple(t.shape) for t in entry.static_inputs if isinstance(t, torch.Tensor)]
+    latent = 32 // engine.vae_scale_factor
+    assert (2, engine.controlnets[0].config.block_out_channels[0], latent, latent) in shapes
+    assert not any(len(shape) == 4 and shape[1] == 3 for shape in shapes)  # no pixels
+
+
 def test_bad_input_is_not_captured_and_the_wrapper_keeps_working():
     graphs = RerunGraphs()
     lin = torch.nn.Linear(5, 3)

@@ -260,6 +260,67 @@ def test_sdxl_controlnet(paths, hints):
              controlnet_conditioning_scale=0.5, num_inference_steps=3, guidance_scale=5.0)
 
 
+def test_controlnet_without_guidance_ancestral_sampler(paths, hints):
+    net = diffusers.ControlNetModel.from_pretrained(paths["controlnet-sd"])
+    pipe = _load(diffusers.StableDiffusionControlNetPipeline, paths["sd15"], controlnet=net)
+    engine = Engine.from_pretrained(paths["sd15"], controlnet=paths["controlnet-sd"])
+    sched = (diffusers.EulerAncestralDiscreteScheduler, "euler_a")
+    kw = dict(prompt=PROMPT, controlnet_conditioning_scale=0.8, num_inference_steps=3, guidance_scale=1.0,
+              height=32, width=32)
+    _, ours = _compare(pipe, engine, scheduler=sched, seed=3, control_image=hints[1], **kw)
+    _, other = _compare(pipe, engine, scheduler=sched, seed=3, control_image=hints[0], **kw)
+    assert np.abs(ours - other).max() > 1e-2  # the control image is used
+
+
+def test_controlnet_img2img_like_diffusers(paths, hints, init_image):
+    net = diffusers.ControlNetModel.from_pretrained(paths["controlnet-sd"])
+    pipe = _load(diffusers.StableDiffusionControlNetImg2ImgPipeline, paths["sd15"], controlnet=net)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    engine = Engine.from_pretrained(paths["sd15"], controlnet=paths["controlnet-sd"], scheduler="dpmpp_2m")
+    kw = dict(prompt=PROMPT, negative_prompt="dark", image=init_image, strength=0.6, num_inference_steps=5,
+              guidance_scale=6.0, controlnet_conditioning_scale=0.7, height=32, width=32, output_type="np")
+    ref = pipe(control_image=hints[0], generator=torch.Generator().manual_seed(8), **kw).images
+    ours = engine.generate(control_image=hints[0], seed=8, **kw).images
+    assert np.abs(ours - ref).max() <= TOL, f"max abs diff {np.abs(ours - ref).max():.2e}"
+    other = engine.generate(control_image=hints[1], seed=8, **kw).images
+    assert np.abs(ours - other).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def pooled_controlnet(paths, root):
+    """controlnet-sd-2 as a global-pool (guess mode) ControlNet."""
+    net = diffusers.ControlNetModel.from_pretrained(paths["controlnet-sd-2"])
+    net.register_to_config(global_pool_conditions=True)
+    net.save_pretrained(root / "controlnet-pooled")
+    return root / "controlnet-pooled"
+
+
+@pytest.mark.parametrize("steps,guidance,scheduler", [(1, 1.0, "euler"), (3, 7.5, "pndm"), (2, 4.0, "euler_a")])
+def test_each_control_image_is_embedded_once_per_generate(paths, hints, pooled_controlnet, steps, guidance,
+                                                         scheduler):
+    """One hint embedding per ControlNet per generate(), on the un-duplicated batch, whatever the number
+    of steps and guidance; a normal and a guess-mode ControlNet together."""
+    engine = Engine.from_pretrained(paths["sd15"], controlnet=[paths["controlnet-sd"], pooled_controlnet],
+                                    scheduler=scheduler)
+    embedded, net_calls, handles = [[], []], [0, 0], []
+    for i, net in enumerate(engine.controlnets):
+        handles.append(net.controlnet_cond_embedding.register_forward_hook(
+            lambda m, args, out, i=i: embedded[i].append(args[0].shape[0])))
+        handles.append(net.register_forward_hook(lambda *_, i=i: net_calls.__setitem__(i, net_calls[i] + 1)))
+    try:
+        for seed in (1, 2):
+            embedded[:], net_calls[:] = [[], []], [0, 0]
+            r = engine.generate(PROMPT, control_image=list(hints), num_images_per_prompt=2, num_inference_steps=steps,
+                                guidance_scale=guidance, height=32, width=32, seed=seed, output_type="latent")
+            calls = len(r.timings["unet"])
+            assert embedded == [[2], [2]], embedded      # once each, batch 2 (not 4 with guidance)
+            assert net_calls == [calls, calls] and calls >= steps
+            assert r.timings["controlnet_hint"] > 0 and len(r.timings["controlnet"]) == calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ----------------------------------------------------------------------------- engine behaviour
 def test_seed_reproducible_and_latents_override(sd_turbo):
     _, engine = sd_turbo
@@ -322,7 +383,7 @@ def test_output_types_and_timings(sd_turbo):
     np.testing.assert_allclose(pt.images.permute(0, 2, 3, 1).numpy(), arr.images)
     t = arr.timings
     assert set(t) >= {"text_encoder", "controlnet", "unet", "vae_decode", "total"}
-    assert len(t["unet"]) == 3 and t["controlnet"] == []
+    assert len(t["unet"]) == 3 and t["controlnet"] == [] and t["controlnet_hint"] == 0.0
     assert all(v >= 0 for v in [t["text_encoder"], t["vae_decode"], *t["unet"]])
     assert t["total"] >= t["text_encoder"] + sum(t["unet"]) + t["vae_decode"]
     lat = engine.generate(PROMPT, output_type="latent", **kw).images

@@ -79,32 +79,54 @@ class ControlNetModel(UNetEncoder):
         self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(ch, ch, 1) for ch in skip_channels)
         self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], 1)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                controlnet_cond: torch.Tensor, *, conditioning_scale: float | torch.Tensor = 1.0,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None
-                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """sample (N, C, h, w) latents; controlnet_cond (N, 3, h*8, w*8) hint pixels in [0, 1].
-        Returns (down residuals, mid residual), already multiplied by ``conditioning_scale``."""
-        if sample.dim() != 4 or controlnet_cond.dim() != 4:
-            raise ValueError(f"sample and controlnet_cond must be 4-D (N, C, H, W), got {tuple(sample.shape)} "
-                             f"and {tuple(controlnet_cond.shape)}")
+    def embed_hint(self, controlnet_cond: torch.Tensor, latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(N, conditioning_channels, H, W) hint pixels in [0, 1] -> (N, block_out_channels[0], H/f, W/f)
+        features (f = config.hint_downscale): the part of forward() that depends on the hint alone (channel
+        order, conditioning embedding). It is the same for every denoising step and both guidance halves:
+        compute it once per control image and pass it as ``forward(hint_features=...)``.
+        latent_size: the (h, w) of the latents the features will meet; checked when given."""
+        if controlnet_cond.dim() != 4:
+            raise ValueError(f"controlnet_cond must be 4-D (N, C, H, W), got {tuple(controlnet_cond.shape)}")
         if controlnet_cond.shape[1] != self.config.conditioning_channels:
             raise ValueError(f"controlnet_cond has {controlnet_cond.shape[1]} channels, the config says "
                              f"conditioning_channels={self.config.conditioning_channels}")
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+        features = self.controlnet_cond_embedding(controlnet_cond)
+        if latent_size is not None and tuple(features.shape[-2:]) != tuple(latent_size):
+            f = self.config.hint_downscale
+            raise ValueError(f"controlnet_cond of size {tuple(controlnet_cond.shape[-2:])} embeds to "
+                             f"{tuple(features.shape[-2:])}, latents are {tuple(latent_size)}: the hint must be "
+                             f"{f}x the latent size")
+        return features
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor | None = None, *, hint_features: torch.Tensor | None = None,
+                conditioning_scale: float | torch.Tensor = 1.0, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """sample (N, C, h, w) latents. The hint, exactly one of: controlnet_cond (N, 3, h*f, w*f) pixels in
+        [0, 1], or hint_features = ``embed_hint(controlnet_cond)`` computed beforehand (N, C0, h, w).
+        Returns (down residuals, mid residual), already multiplied by ``conditioning_scale``."""
+        if (controlnet_cond is None) == (hint_features is None):
+            given = "both" if controlnet_cond is not None else "neither"
+            raise ValueError(f"pass exactly one of controlnet_cond (hint pixels) and hint_features "
+                             f"(embed_hint(controlnet_cond)); got {given}")
+        if sample.dim() != 4:
+            raise ValueError(f"sample must be 4-D (N, C, H, W), got {tuple(sample.shape)}")
+        if hint_features is None:
+            hint_features = self.embed_hint(controlnet_cond, sample.shape[-2:])
+        else:
+            expected = (sample.shape[0], self.config.block_out_channels[0], *sample.shape[-2:])
+            if tuple(hint_features.shape) != expected:
+                raise ValueError(f"hint_features has shape {tuple(hint_features.shape)}, expected {expected}: "
+                                 f"embed_hint() of hint pixels {self.config.hint_downscale}x the latent size, "
+                                 f"one row per sample row")
 
         # 1. time embedding
         temb_act = F.silu(self.embed_time(sample, timestep, text_embeds, time_ids))
 
         # 2. pre-process: the embedded hint is added to conv_in's output
-        if self.config.controlnet_conditioning_channel_order == "bgr":
-            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
-        hint = self.controlnet_cond_embedding(controlnet_cond)
-        if hint.shape[-2:] != sample.shape[-2:]:
-            f = self.config.hint_downscale
-            raise ValueError(f"controlnet_cond of size {tuple(controlnet_cond.shape[-2:])} embeds to "
-                             f"{tuple(hint.shape[-2:])}, latents are {tuple(sample.shape[-2:])}: the hint must be "
-                             f"{f}x the latent size")
-        sample = self.conv_in(sample) + hint
+        sample = self.conv_in(sample) + hint_features
 
         # 3. down
         sample, skips = self.run_down(sample, temb_act, encoder_hidden_states)
