@@ -24,7 +24,8 @@ from ldm_engine import ops
 __all__ = [
     "ConfigBase", "require", "per_block",
     "timestep_embedding", "Timesteps", "TimestepEmbedding",
-    "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "subpixel_weights", "set_subpixel_upsample",
+    "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "subpixel_weights", "subpixel_conv",
+    "set_subpixel_upsample",
     "Attention", "SpatialSelfAttention", "GEGLU", "FeedForward", "TransformerBlock", "Transformer2D",
 ]
 
@@ -208,17 +209,7 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
     def _subpixel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._phase_weights(x)
-        n, _, h, w = x.shape
-        c = self.conv.out_channels
-        # One conv for the four phases: phase z = 2a + b is channels [z*c, (z+1)*c) of the (h+1, w+1)
-        # result, read from offset (a, b) (the padding of 1 serves both neighbours of every phase).
-        y = F.conv2d(x, weight, bias, padding=1)
-        sn, sc, sh, sw = y.stride()
-        phases = y.as_strided((n, c, h, 2, w, 2), (sn, sc, sh, 2 * c * sc + sh, sw, c * sc + sw))
-        out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
-        out.view(n, c, h, 2, w, 2).copy_(phases)  # one interleaving copy (cheaper than pixel_shuffle on CPU)
-        return out
+        return subpixel_conv(x, *self._phase_weights(x))
 
     def _phase_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The phase weights, derived once per weight state in eager inference (keyed on the weight's
@@ -264,6 +255,22 @@ def subpixel_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[t
     k = _fold_taps(_fold_taps(wide, -1), -2)  # (2 a, 2 b, C, I, 2 p, 2 q)
     k = k.reshape(4 * c, i, 2, 2).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
     return k, None if bias is None else bias.repeat(4)
+
+
+def subpixel_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Nearest 2x + 3x3 conv of ``x`` from the phase weights of ``subpixel_weights``: one 2x2 conv
+    for all four phases, then one interleaving copy (cheaper than stack + pixel_shuffle on CPU).
+    The output keeps the conv's memory format (channels_last in, channels_last out)."""
+    n, _, h, w = x.shape
+    c = weight.shape[0] // 4
+    # Phase z = 2a + b is channels [z*c, (z+1)*c) of the (h+1, w+1) result, read from offset (a, b):
+    # the padding of 1 serves both phases' neighbours (row i-1 for a = 0, row i+1 for a = 1).
+    y = F.conv2d(x, weight, bias, padding=1)
+    sn, sc, sh, sw = y.stride()
+    phases = y.as_strided((n, c, h, 2, w, 2), (sn, sc, sh, 2 * c * sc + sh, sw, c * sc + sw))
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+    out.view(n, c, h, 2, w, 2).copy_(phases)
+    return out
 
 
 def set_subpixel_upsample(module: nn.Module, enabled: bool) -> int:
