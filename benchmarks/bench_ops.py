@@ -172,6 +172,29 @@ def _n_copies(bytes_per_set: int) -> int:
     return max(1, min(16, -(-L2_FLUSH_BYTES // max(bytes_per_set, 1))))
 
 
+def _measure(row: Row, run, copies: int, base: dict, *, is_base: bool, work: float, per_us: float, ceiling: float,
+             calls_per_graph: int = 20) -> Row:
+    """Fills ``row`` from run(i): the error against the base row's output, the median device us, the rate
+    (work / us / per_us), % of ``ceiling`` and the speedup over the base row; ``is_base`` rows set
+    ``base``. A failure is recorded in the row."""
+    try:
+        out = run(0)
+        if is_base:
+            base["out"] = out.float()
+        elif base.get("out") is not None:
+            row.max_err_vs_torch = (out.float() - base["out"]).abs().max().item()
+        row.us = time_graph(run, copies, calls_per_graph=calls_per_graph)
+        row.rate = work / row.us / per_us
+        row.pct_ceiling = 100 * row.rate / ceiling
+        if is_base:
+            base["us"] = row.us
+        if base.get("us"):
+            row.speedup_vs_torch = base["us"] / row.us
+    except Exception as exc:  # noqa: BLE001 -- report, keep going
+        row.error = f"{type(exc).__name__}: {exc}"[:160]
+    return row
+
+
 def bench_group_norm(dtype, backends, ceilings, shapes=GN_SHAPES, layout="contiguous"):
     import ldm_engine.ops as ops
 
@@ -185,25 +208,11 @@ def bench_group_norm(dtype, backends, ceilings, shapes=GN_SHAPES, layout="contig
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
         w = torch.randn(c, device="cuda", dtype=dtype)
         b = torch.randn(c, device="cuda", dtype=dtype)
-        base_us, base_out = None, None
+        base = {}
         for backend in backends:
-            row = Row("group_norm_silu", label, shape, backend)
-            try:
-                out = ops.group_norm_silu(xs[0], w, b, 32, backend=backend)
-                if backend == "torch":
-                    base_out = out.float()
-                elif base_out is not None:
-                    row.max_err_vs_torch = (out.float() - base_out).abs().max().item()
-                row.us = time_graph(lambda i: ops.group_norm_silu(xs[i], w, b, 32, backend=backend), copies)
-                row.rate = nbytes / row.us / 1e3
-                row.pct_ceiling = 100 * row.rate / ceilings["copy_gbps"]
-                if backend == "torch":
-                    base_us = row.us
-                if base_us:
-                    row.speedup_vs_torch = base_us / row.us
-            except Exception as exc:  # noqa: BLE001 -- report, keep going
-                row.error = f"{type(exc).__name__}: {exc}"[:160]
-            rows.append(row)
+            rows.append(_measure(Row("group_norm_silu", label, shape, backend),
+                                 lambda i: ops.group_norm_silu(xs[i], w, b, 32, backend=backend), copies, base,
+                                 is_base=backend == "torch", work=nbytes, per_us=1e3, ceiling=ceilings["copy_gbps"]))
         del xs
         torch.cuda.empty_cache()
     return rows
@@ -220,26 +229,12 @@ def bench_attention(dtype, backends, ceilings, shapes=ATTN_SHAPES):
         # (B, L, H, D) storage seen as (B, H, L, D): what the models pass.
         sets = [tuple(torch.randn(b, length, h, d, device="cuda", dtype=dtype).transpose(1, 2)
                       for length in (lq, lk, lk)) for _ in range(copies)]
-        base_us, base_out = None, None
+        base = {}
         for backend in backends:
-            row = Row("attention", label, (b, h, lq, lk, d), backend)
-            try:
-                out = ops.attention(*sets[0], backend=backend)
-                if backend == "torch":
-                    base_out = out.float()
-                elif base_out is not None:
-                    row.max_err_vs_torch = (out.float() - base_out).abs().max().item()
-                row.us = time_graph(lambda i: ops.attention(*sets[i], backend=backend), copies,
-                                    calls_per_graph=10 if flops > 1e11 else 20)
-                row.rate = flops / row.us / 1e6
-                row.pct_ceiling = 100 * row.rate / ceilings["bf16_matmul_tflops"]
-                if backend == "torch":
-                    base_us = row.us
-                if base_us:
-                    row.speedup_vs_torch = base_us / row.us
-            except Exception as exc:  # noqa: BLE001
-                row.error = f"{type(exc).__name__}: {exc}"[:160]
-            rows.append(row)
+            rows.append(_measure(Row("attention", label, (b, h, lq, lk, d), backend),
+                                 lambda i: ops.attention(*sets[i], backend=backend), copies, base,
+                                 is_base=backend == "torch", work=flops, per_us=1e6,
+                                 ceiling=ceilings["bf16_matmul_tflops"], calls_per_graph=10 if flops > 1e11 else 20))
         del sets
         torch.cuda.empty_cache()
     return rows
@@ -261,27 +256,13 @@ def bench_upsample(dtype, ceilings, shapes=UPSAMPLE_SHAPES):
             phase_w, phase_b = subpixel_weights(up.conv.weight, up.conv.bias)
             runs = {"plain": lambda i: up(xs[i]), "subpixel": lambda i: up(xs[i]),
                     "subpixel-cached": lambda i: subpixel_conv(xs[i], phase_w, phase_b)}
-            base_us, base_out = None, None
+            base = {}
             for path in UPSAMPLE_PATHS:
-                row = Row("upsample_conv", f"{label} {layout}", shape, path)
-                try:
-                    with torch.no_grad():
-                        set_subpixel_upsample(up, path == "subpixel")
-                        out = runs[path](0)
-                        if path == "plain":
-                            base_out = out.float()
-                        else:
-                            row.max_err_vs_torch = (out.float() - base_out).abs().max().item()
-                        row.us = time_graph(runs[path], copies, calls_per_graph=10)
-                    row.rate = flops / row.us / 1e6
-                    row.pct_ceiling = 100 * row.rate / ceilings["bf16_matmul_tflops"]
-                    if path == "plain":
-                        base_us = row.us
-                    if base_us:
-                        row.speedup_vs_torch = base_us / row.us
-                except Exception as exc:  # noqa: BLE001
-                    row.error = f"{type(exc).__name__}: {exc}"[:160]
-                rows.append(row)
+                set_subpixel_upsample(up, path == "subpixel")
+                with torch.no_grad():
+                    rows.append(_measure(Row("upsample_conv", f"{label} {layout}", shape, path), runs[path], copies,
+                                         base, is_base=path == "plain", work=flops, per_us=1e6,
+                                         ceiling=ceilings["bf16_matmul_tflops"], calls_per_graph=10))
             del xs, up
             torch.cuda.empty_cache()
     return rows
