@@ -1,4 +1,5 @@
-"""Benchmarks of ldm_engine.ops (group_norm_silu, attention): every backend against torch eager.
+"""Benchmarks of ldm_engine.ops (group_norm_silu, attention): every backend against torch eager; and the
+VAE decoder's upsample convs (nearest 2x + 3x3 conv) plain against sub-pixel (Upsample2D.subpixel).
 
 Script mode (prints one table per op; writes JSON with --json):
 
@@ -15,7 +16,11 @@ graph replays (many calls per graph, rotating among input copies that together e
 small tensors are not timed out of cache), median over repeats. Ceilings are measured in the same
 run: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate (8192^3).
 GroupNorm moves 2 * numel * itemsize bytes (one read, one write); attention does 4 * B * H * Lq * Lk * D
-FLOPs. Skips cleanly without CUDA.
+FLOPs. Upsample rows (fp16 unless --dtype says otherwise, contiguous and channels_last): "plain" is
+F.interpolate + 3x3 conv, "subpixel" the module's sub-pixel path with its phase weights derived inside
+the graph (as in the engine's CUDA graphs), "subpixel-cached" the same from precomputed phase weights
+(as eager calls run); TFLOP/s counts the plain path's 2 * 9 * C^2 * 4HW FLOPs for all three (an effective
+rate). Skips cleanly without CUDA.
 """
 
 from __future__ import annotations
@@ -77,6 +82,14 @@ ATTN_SHAPES = [
     ("sdxl cross 32x32", 1, 20, 1024, 77, 64),
     ("sdxl vae mid 1024px d512", 1, 1, 16384, 16384, 512),
 ]
+
+# Upsample2D (nearest 2x + 3x3 conv): (label, (N, C, H, W) input) of the SD VAE decoder at 512 px.
+UPSAMPLE_SHAPES = [
+    ("vae dec 512px c512 64->128", (1, 512, 64, 64)),
+    ("vae dec 512px c512 128->256", (1, 512, 128, 128)),
+    ("vae dec 512px c256 256->512", (1, 256, 256, 256)),
+]
+UPSAMPLE_PATHS = ("plain", "subpixel", "subpixel-cached")
 
 BACKENDS = ("torch", "triton", "cuda")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -159,6 +172,29 @@ def _n_copies(bytes_per_set: int) -> int:
     return max(1, min(16, -(-L2_FLUSH_BYTES // max(bytes_per_set, 1))))
 
 
+def _measure(row: Row, run, copies: int, base: dict, *, is_base: bool, work: float, per_us: float, ceiling: float,
+             calls_per_graph: int = 20) -> Row:
+    """Fills ``row`` from run(i): the error against the base row's output, the median device us, the rate
+    (work / us / per_us), % of ``ceiling`` and the speedup over the base row; ``is_base`` rows set
+    ``base``. A failure is recorded in the row."""
+    try:
+        out = run(0)
+        if is_base:
+            base["out"] = out.float()
+        elif base.get("out") is not None:
+            row.max_err_vs_torch = (out.float() - base["out"]).abs().max().item()
+        row.us = time_graph(run, copies, calls_per_graph=calls_per_graph)
+        row.rate = work / row.us / per_us
+        row.pct_ceiling = 100 * row.rate / ceiling
+        if is_base:
+            base["us"] = row.us
+        if base.get("us"):
+            row.speedup_vs_torch = base["us"] / row.us
+    except Exception as exc:  # noqa: BLE001 -- report, keep going
+        row.error = f"{type(exc).__name__}: {exc}"[:160]
+    return row
+
+
 def bench_group_norm(dtype, backends, ceilings, shapes=GN_SHAPES, layout="contiguous"):
     import ldm_engine.ops as ops
 
@@ -172,25 +208,11 @@ def bench_group_norm(dtype, backends, ceilings, shapes=GN_SHAPES, layout="contig
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
         w = torch.randn(c, device="cuda", dtype=dtype)
         b = torch.randn(c, device="cuda", dtype=dtype)
-        base_us, base_out = None, None
+        base = {}
         for backend in backends:
-            row = Row("group_norm_silu", label, shape, backend)
-            try:
-                out = ops.group_norm_silu(xs[0], w, b, 32, backend=backend)
-                if backend == "torch":
-                    base_out = out.float()
-                elif base_out is not None:
-                    row.max_err_vs_torch = (out.float() - base_out).abs().max().item()
-                row.us = time_graph(lambda i: ops.group_norm_silu(xs[i], w, b, 32, backend=backend), copies)
-                row.rate = nbytes / row.us / 1e3
-                row.pct_ceiling = 100 * row.rate / ceilings["copy_gbps"]
-                if backend == "torch":
-                    base_us = row.us
-                if base_us:
-                    row.speedup_vs_torch = base_us / row.us
-            except Exception as exc:  # noqa: BLE001 -- report, keep going
-                row.error = f"{type(exc).__name__}: {exc}"[:160]
-            rows.append(row)
+            rows.append(_measure(Row("group_norm_silu", label, shape, backend),
+                                 lambda i: ops.group_norm_silu(xs[i], w, b, 32, backend=backend), copies, base,
+                                 is_base=backend == "torch", work=nbytes, per_us=1e3, ceiling=ceilings["copy_gbps"]))
         del xs
         torch.cuda.empty_cache()
     return rows
@@ -207,33 +229,47 @@ def bench_attention(dtype, backends, ceilings, shapes=ATTN_SHAPES):
         # (B, L, H, D) storage seen as (B, H, L, D): what the models pass.
         sets = [tuple(torch.randn(b, length, h, d, device="cuda", dtype=dtype).transpose(1, 2)
                       for length in (lq, lk, lk)) for _ in range(copies)]
-        base_us, base_out = None, None
+        base = {}
         for backend in backends:
-            row = Row("attention", label, (b, h, lq, lk, d), backend)
-            try:
-                out = ops.attention(*sets[0], backend=backend)
-                if backend == "torch":
-                    base_out = out.float()
-                elif base_out is not None:
-                    row.max_err_vs_torch = (out.float() - base_out).abs().max().item()
-                row.us = time_graph(lambda i: ops.attention(*sets[i], backend=backend), copies,
-                                    calls_per_graph=10 if flops > 1e11 else 20)
-                row.rate = flops / row.us / 1e6
-                row.pct_ceiling = 100 * row.rate / ceilings["bf16_matmul_tflops"]
-                if backend == "torch":
-                    base_us = row.us
-                if base_us:
-                    row.speedup_vs_torch = base_us / row.us
-            except Exception as exc:  # noqa: BLE001
-                row.error = f"{type(exc).__name__}: {exc}"[:160]
-            rows.append(row)
+            rows.append(_measure(Row("attention", label, (b, h, lq, lk, d), backend),
+                                 lambda i: ops.attention(*sets[i], backend=backend), copies, base,
+                                 is_base=backend == "torch", work=flops, per_us=1e6,
+                                 ceiling=ceilings["bf16_matmul_tflops"], calls_per_graph=10 if flops > 1e11 else 20))
         del sets
         torch.cuda.empty_cache()
     return rows
 
 
+def bench_upsample(dtype, ceilings, shapes=UPSAMPLE_SHAPES):
+    """Plain vs sub-pixel Upsample2D per shape and layout; "x torch" is the speedup over "plain"."""
+    from ldm_engine.models.layers import Upsample2D, set_subpixel_upsample, subpixel_conv, subpixel_weights
+
+    rows = []
+    for label, shape in shapes:
+        n, c, h, w = shape
+        flops = 2 * 9 * c * c * 4 * h * w * n
+        for layout in ("contiguous", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            up = Upsample2D(c).to("cuda", dtype).to(memory_format=fmt).eval()
+            copies = _n_copies(n * c * h * w * 5 * torch.tensor([], dtype=dtype).element_size())  # in + 4x out
+            xs = [torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt) for _ in range(copies)]
+            phase_w, phase_b = subpixel_weights(up.conv.weight, up.conv.bias)
+            runs = {"plain": lambda i: up(xs[i]), "subpixel": lambda i: up(xs[i]),
+                    "subpixel-cached": lambda i: subpixel_conv(xs[i], phase_w, phase_b)}
+            base = {}
+            for path in UPSAMPLE_PATHS:
+                set_subpixel_upsample(up, path == "subpixel")
+                with torch.no_grad():
+                    rows.append(_measure(Row("upsample_conv", f"{label} {layout}", shape, path), runs[path], copies,
+                                         base, is_base=path == "plain", work=flops, per_us=1e6,
+                                         ceiling=ceilings["bf16_matmul_tflops"], calls_per_graph=10))
+            del xs, up
+            torch.cuda.empty_cache()
+    return rows
+
+
 def print_table(rows, unit):
-    head = f"{'shape':36s} {'backend':7s} {'median us':>10s} {unit:>9s} {'% ceil':>7s} {'x torch':>8s} {'err':>9s}"
+    head = f"{'shape':42s} {'backend':15s} {'median us':>10s} {unit:>9s} {'% ceil':>7s} {'x torch':>8s} {'err':>9s}"
     print(head)
     print("-" * len(head))
     last = None
@@ -241,11 +277,11 @@ def print_table(rows, unit):
         label = r.label if r.label != last else ""
         last = r.label
         if r.error:
-            print(f"{label:36s} {r.backend:7s} {r.error}")
+            print(f"{label:42s} {r.backend:15s} {r.error}")
             continue
         err = f"{r.max_err_vs_torch:9.2e}" if r.max_err_vs_torch is not None else ""
         spd = f"{r.speedup_vs_torch:8.2f}" if r.speedup_vs_torch is not None else ""
-        print(f"{label:36s} {r.backend:7s} {r.us:10.1f} {r.rate:9.1f} {r.pct_ceiling:7.1f} {spd:>8s} {err:>9s}")
+        print(f"{label:42s} {r.backend:15s} {r.us:10.1f} {r.rate:9.1f} {r.pct_ceiling:7.1f} {spd:>8s} {err:>9s}")
 
 
 def environment() -> dict:
@@ -270,7 +306,7 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=["all", "group_norm_silu", "attention"], default="all")
+    parser.add_argument("--op", choices=["all", "group_norm_silu", "attention", "upsample"], default="all")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--layout", choices=["contiguous", "channels_last"], default="contiguous",
@@ -305,6 +341,12 @@ def main(argv=None) -> int:
             rows = bench_attention(dtype, backends, ceilings, shapes)
             print_table(rows, "TFLOP/s")
             result["rows"] += [r.__dict__ for r in rows]
+    if args.op in ("all", "upsample"):  # last: the session's time limit cuts it first
+        shapes = [s for s in UPSAMPLE_SHAPES if args.filter in s[0]]
+        print("\n## upsample conv (nearest 2x + 3x3): plain vs sub-pixel; TFLOP/s of the plain path's FLOPs")
+        rows = bench_upsample(dtype, ceilings, shapes)
+        print_table(rows, "TFLOP/s")
+        result["rows"] += [r.__dict__ for r in rows]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1, default=str)
@@ -359,6 +401,20 @@ def test_bench_attention(benchmark, backend, shape):
         pytest.skip(str(exc))
     benchmark(_synced(lambda: ops.attention(q, k, v, backend=backend)))
 
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("subpixel", [False, True], ids=["plain", "subpixel"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bench_upsample(benchmark, subpixel, layout):
+    from ldm_engine.models.layers import Upsample2D, set_subpixel_upsample
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    up = Upsample2D(512).to("cuda", torch.float16).to(memory_format=fmt).eval()
+    set_subpixel_upsample(up, subpixel)
+    x = torch.randn(1, 512, 64, 64, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        benchmark(_synced(lambda: up(x)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,10 @@ Variants, side by side on one device:
     ldm_engine[torch|cuda]+tiny_vae[+graphs]  the VAE swapped for a random-weight tiny one (TAESD / TAESDXL
                                     architecture, ldm_engine.models.vae_tiny): full vs tiny decoder; its images
                                     differ from the reference's by design (another VAE)
+    ...+subpixel                    Engine.use_subpixel_upsample(): every nearest-2x upsample + 3x3 conv as four
+                                    2x2 phase convolutions (2.25x fewer FLOPs there); compare ldm_engine[torch]+subpixel
+                                    with ldm_engine[torch], ldm_engine[cuda]+channels_last+subpixel+graphs with
+                                    ldm_engine[cuda]+channels_last+graphs. TFLOP/s still counts the plain path's FLOPs
 
 Per variant: per-stage latency (text encoder incl. tokenisation, U-Net per call, VAE decode; CUDA events),
 end-to-end latency (host clock between two device synchronisations), medians of --runs after --warmup,
@@ -86,18 +90,23 @@ OPTION_VARIANTS = ("ldm_engine[torch]+graphs", "ldm_engine[cuda]+graphs",
                   "ldm_engine[torch]+channels_last+graphs", "ldm_engine[cuda]+channels_last+graphs")
 TINY_VAE_VARIANTS = ("ldm_engine[torch]+tiny_vae", "ldm_engine[cuda]+tiny_vae",
                      "ldm_engine[torch]+tiny_vae+graphs", "ldm_engine[cuda]+tiny_vae+graphs")
+# Sub-pixel upsampling: eager against ldm_engine[torch], and in the fastest configuration against
+# ldm_engine[cuda]+channels_last+graphs.
+SUBPIXEL_VARIANTS = ("ldm_engine[torch]+subpixel", "ldm_engine[cuda]+channels_last+subpixel+graphs")
 COMPILED_VARIANTS = ("ldm_engine[torch]+compile", "diffusers+compile")
-ALL_VARIANTS = ENGINE_VARIANTS + ("diffusers",) + OPTION_VARIANTS + TINY_VAE_VARIANTS + COMPILED_VARIANTS
+ALL_VARIANTS = (ENGINE_VARIANTS + ("diffusers",) + OPTION_VARIANTS + TINY_VAE_VARIANTS + SUBPIXEL_VARIANTS
+                + COMPILED_VARIANTS)
 # Run order inside one model: the new GPU kernels (which could poison the CUDA context) after the two
 # baselines; the compiled variants last, since compilation is slow and may run out of the time budget
-# (and Engine.compile() changes the shared engine in place).
+# (and Engine.compile() changes the shared engine in place). The newest options come just before them, so
+# a time budget cuts them before any older row.
 RUN_ORDER = ("ldm_engine[torch]", "diffusers", "ldm_engine[triton]", "ldm_engine[cuda]", *OPTION_VARIANTS,
-             *TINY_VAE_VARIANTS, *COMPILED_VARIANTS)
+             *TINY_VAE_VARIANTS, *SUBPIXEL_VARIANTS, *COMPILED_VARIANTS)
 REFERENCE_VARIANT = "diffusers"
 
 
 def _ops_backend_of(variant: str) -> str:
-    """"ldm_engine[triton]" -> "triton" (also with "+compile", "+graphs", "+channels_last" suffixes)."""
+    """"ldm_engine[triton]" -> "triton" (also with "+compile", "+graphs", "+channels_last", ... suffixes)."""
     return variant[len("ldm_engine["):variant.index("]")]
 
 
@@ -529,6 +538,8 @@ class EngineRunner(Runner):
             self.engine.disable_cuda_graphs()
         if "+channels_last" in self.variant:
             self.engine.use_channels_last(False)
+        if "+subpixel" in self.variant:
+            self.engine.use_subpixel_upsample(False)
         if getattr(self, "saved_vae", None) is not None:
             restore_vae(self.engine, self.saved_vae)
             self.saved_vae = None
@@ -723,6 +734,8 @@ class ModelBench:
                 self.engine.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
             if "+channels_last" in variant:
                 self.engine.use_channels_last()
+            if "+subpixel" in variant:
+                self.engine.use_subpixel_upsample()
             saved_vae = swap_in_tiny_vae(self.engine, seed=self.seed) if "+tiny_vae" in variant else None
             if variant.endswith("+graphs"):
                 self.engine.enable_cuda_graphs()   # captured on the first call (the warm-up)

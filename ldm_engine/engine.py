@@ -100,7 +100,8 @@ class Engine(NetworkOptions):
     rest overlaps. After ``compile(mode="reduce-overhead" / "max-autotune")`` (graphs managed by
     torch.compile, whose outputs the next replay overwrites) whole ``generate()`` calls take turns.
     Configure first, then share: ``compile()``, ``enable_cuda_graphs()`` / ``disable_cuda_graphs()``,
-    ``use_channels_last()`` and assigning ``scheduler`` must not run while other threads generate.
+    ``use_channels_last()``, ``use_subpixel_upsample()`` and assigning ``scheduler`` must not run while
+    other threads generate.
     An exception or KeyboardInterrupt inside ``generate()`` leaves the engine usable.
     """
 

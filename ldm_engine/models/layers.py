@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from ldm_engine import ops
 __all__ = [
     "ConfigBase", "require", "per_block",
     "batch_timesteps", "timestep_embedding", "Timesteps", "TimestepEmbedding",
-    "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+    "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D", "subpixel_weights", "subpixel_conv",
+    "set_subpixel_upsample",
     "Attention", "SpatialSelfAttention", "GEGLU", "FeedForward", "TransformerBlock", "Transformer2D",
 ]
 
@@ -189,18 +191,104 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest 2x upsampling (or to ``size``: odd skip sizes in the U-Net) then a 3x3 conv."""
+    """Nearest 2x upsampling (or to ``size``: odd skip sizes in the U-Net) then a 3x3 conv.
+
+    With ``subpixel`` on (``set_subpixel_upsample``), an exact 2x upsample is computed without the
+    4x larger upsampled tensor: output pixel (2i + a, 2j + b) of nearest-2x + 3x3 conv sees input
+    rows {i-1, i} (a = 0) or {i, i+1} (a = 1), so each of the four phases (a, b) is a 2x2 conv of the
+    input whose taps are sums of the 3x3 ones (``subpixel_weights``): 16 instead of 36 multiply-adds
+    per input pixel and channel pair. A ``size`` that is not exactly 2x, and ONNX export (a traced
+    branch would be baked for the sample size), take the plain path.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.subpixel = False
+        self._phase_cache = None  # (weight ref, bias ref, fingerprint, phase weight, phase bias)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        twice = size is None or (size[0] == 2 * x.shape[-2] and size[1] == 2 * x.shape[-1])
+        if self.subpixel and twice and not torch.jit.is_tracing():
+            return self._subpixel_forward(x)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(size), mode="nearest")
         return self.conv(x)
+
+    def _subpixel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return subpixel_conv(x, *self._phase_weights(x))
+
+    def _phase_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The phase weights, derived once per weight state in eager inference (keyed on the weight's
+        identity, version -- in-place changes such as LoRA merges -- and storage; ``_apply``, i.e.
+        .to() / .half() / channels_last, drops them). Derived inline, every call, where a cache would
+        be wrong: under torch.compile (traced into the graph), while a CUDA graph is captured (its
+        replays then follow in-place weight changes) and when autograd is recording."""
+        w, b = self.conv.weight, self.conv.bias
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing or torch.is_grad_enabled() or w.device.type == "meta":
+            return subpixel_weights(w, b)
+        state = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.stride()) for t in (w, b) if t is not None)
+        cached = self._phase_cache
+        if (cached is None or cached[2] != state or cached[0]() is not w
+                or (b is not None and cached[1]() is not b)):
+            cached = (weakref.ref(w), None if b is None else weakref.ref(b), state, *subpixel_weights(w, b))
+            self._phase_cache = cached
+        return cached[3], cached[4]
+
+    def _apply(self, fn, recurse=True):
+        self._phase_cache = None  # new weight storage, dtype or layout: derive again
+        return super()._apply(fn, recurse)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps along ``dim`` -> 2 phases (a new leading dim) x 2 taps: phase 0 reads input
+    (i-1, i) with (w0, w1 + w2), phase 1 reads (i, i+1) with (w0 + w1, w2)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack((torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)))
+
+
+def subpixel_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """3x3 conv weight (C, I, 3, 3) -> the 2x2 weights of the four phases of nearest-2x + that conv,
+    (4C, I, 2, 2) with phase z = 2a + b major, and the bias repeated per phase. Half types are summed
+    in float32 and rounded once; the weight's memory format is kept."""
+    c, i = weight.shape[:2]
+    wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    k = _fold_taps(_fold_taps(wide, -1), -2)  # (2 a, 2 b, C, I, 2 p, 2 q)
+    k = k.reshape(4 * c, i, 2, 2).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
+    return k, None if bias is None else bias.repeat(4)
+
+
+def subpixel_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Nearest 2x + 3x3 conv of ``x`` from the phase weights of ``subpixel_weights``: one 2x2 conv
+    for all four phases, then one interleaving copy (cheaper than stack + pixel_shuffle on CPU).
+    The output keeps the conv's memory format (channels_last in, channels_last out)."""
+    n, _, h, w = x.shape
+    c = weight.shape[0] // 4
+    # Phase z = 2a + b is channels [z*c, (z+1)*c) of the (h+1, w+1) result, read from offset (a, b):
+    # the padding of 1 serves both phases' neighbours (row i-1 for a = 0, row i+1 for a = 1).
+    y = F.conv2d(x, weight, bias, padding=1)
+    sn, sc, sh, sw = y.stride()
+    phases = y.as_strided((n, c, h, 2, w, 2), (sn, sc, sh, 2 * c * sc + sh, sw, c * sc + sw))
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+    out.view(n, c, h, 2, w, 2).copy_(phases)
+    return out
+
+
+def set_subpixel_upsample(module: nn.Module, enabled: bool) -> int:
+    """Switches every Upsample2D inside ``module`` (VAE decoder, U-Net, pixel UNet2DModel) to the
+    sub-pixel path or back; returns how many there are."""
+    upsamplers = [m for m in module.modules() if isinstance(m, Upsample2D)]
+    for m in upsamplers:
+        m.subpixel, m._phase_cache = bool(enabled), None
+    return len(upsamplers)
 
 
 # ---------------------------------------------------------------------------------------------
