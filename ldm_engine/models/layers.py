@@ -295,28 +295,168 @@ def set_subpixel_upsample(module: nn.Module, enabled: bool) -> int:
 # Attention
 # ---------------------------------------------------------------------------------------------
 
+def _is_row_split(fused: torch.Tensor | None, parts: list[torch.Tensor]) -> bool:
+    """True when ``parts`` are consecutive row blocks of ``fused`` (same memory, dtype and device)."""
+    if fused is None:
+        return False
+    start = 0
+    for p in parts:
+        rows = fused[start:start + p.shape[0]]
+        if (p.dtype != fused.dtype or p.device != fused.device or p.shape != rows.shape
+                or p.stride() != rows.stride() or p.data_ptr() != rows.data_ptr()):
+            return False
+        start += p.shape[0]
+    return start == fused.shape[0]
+
+
+def _fuse_rows(params: list[nn.Parameter]) -> torch.Tensor:
+    """One new tensor [p0; p1; ...] (rows stacked); each parameter's data becomes its row block of it,
+    in place (``.data =`` keeps the Parameter objects, which LoRA and optimizers hold on to)."""
+    fused = torch.cat([p.detach() for p in params])
+    start = 0
+    for p in params:
+        p.data = fused[start:start + p.shape[0]]
+        start += p.shape[0]
+    return fused
+
+
+def _refuse_after_load(module: "Attention", incompatible_keys) -> None:
+    # load_state_dict(assign=True) puts new tensors into the parameters: fuse again. A plain load
+    # copies into the parameters (the fused tensor's rows): nothing to do.
+    if module._fused_weight is not None:
+        module.fuse_projections()
+
+
 class Attention(nn.Module):
     """Multi-head attention on token sequences (B, L, C): self-attention, or cross-attention when
-    ``context_dim`` is given. Heads are laid out (B, H, L, D) for ``ops.attention``."""
+    ``context_dim`` is given. Heads are laid out (B, H, L, D) for ``ops.attention``.
+
+    Fused projections: self-attention computes Q, K and V with one GEMM against a (3 * inner, C)
+    weight, cross-attention K and V with one GEMM against (2 * inner, context_dim) (Q reads x, not
+    the context). ``to_q`` / ``to_k`` / ``to_v`` stay ordinary ``nn.Linear``s with diffusers' keys and
+    shapes; their weights and biases are row blocks (views) of the fused tensors, so state dicts,
+    saving, and in-place writes to them (``load_state_dict``, LoRA's ``param.copy_``) are unchanged and
+    seen by the fused GEMM. The fused tensors are plain attributes, not parameters or buffers.
+
+    When fusing happens: when the module is built (also on meta), and again after every operation
+    that gives the parameters new storage -- ``load_state_dict(assign=True)`` (a post-load hook),
+    ``Module.to`` / ``half`` / ``to_empty`` / ... (``_apply``), ``copy.deepcopy`` and pickling
+    (``__getstate__`` / ``__setstate__``). Nothing is checked or mutated in ``forward``: a per-call
+    "are the views intact" test would cost Python time on each of the ~150 attention calls of a
+    U-Net forward, cannot run while torch.compile traces or a CUDA graph is captured, and a lazy
+    fuse there would race between the threads one Engine serves. What is NOT covered: replacing a
+    parameter object by hand (``attn.to_q.weight = nn.Parameter(...)``, ``.data = ...``) or
+    converting a single projection (``attn.to_q.half()``); call ``fuse_projections()`` after that.
+    """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
                  qkv_bias: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim, self.scale = heads, head_dim, head_dim ** -0.5
+        self.is_cross_attention = context_dim is not None
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # diffusers: [Linear, Dropout]
+        self._fused_weight: torch.Tensor | None = None
+        self._fused_bias: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(_refuse_after_load)
+        self.fuse_projections()
 
+    # -- fusing ---------------------------------------------------------------------------------
+    def _fused_linears(self) -> tuple[nn.Linear, ...]:
+        return (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
+
+    @property
+    def projections_fused(self) -> bool:
+        return self._fused_weight is not None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> bool:
+        """Make the projections' weights (and biases) row blocks of one fused tensor; idempotent (a
+        no-op when they already are). Returns False, leaving the module unfused (separate GEMMs),
+        when the parameters do not share one device and dtype (e.g. a partial load on meta).
+
+        Row order [q; k; v] (not interleaved per head): each projection's block stays contiguous
+        (state dicts, safetensors and LoRA see ordinary tensors), and the split output has the
+        layout the separate GEMMs gave, only with a row stride of 3 * inner instead of inner: head
+        dim unit-stride, every stride and the k / v offsets multiples of head_dim elements, so the
+        "cuda" backend's 16-byte checks (``ops._attn_reason``, ``_cuda_backend.aligned``) pass
+        whenever they passed before (inner * element size a multiple of 16) and Triton takes any
+        strides; nothing is copied or sent to the torch fallback."""
+        linears = self._fused_linears()
+        weights = [m.weight for m in linears]
+        biases = [m.bias for m in linears] if linears[0].bias is not None else []
+        if _is_row_split(self._fused_weight, weights) and (not biases or _is_row_split(self._fused_bias, biases)):
+            return True
+        params = weights + biases
+        if any(p.device != params[0].device or p.dtype != params[0].dtype for p in params):
+            self.unfuse_projections()
+            return False
+        self._fused_weight = _fuse_rows(weights)
+        self._fused_bias = _fuse_rows(biases) if biases else None
+        return True
+
+    def unfuse_projections(self) -> None:
+        """Back to separate GEMMs per projection (the parameters keep their values and storage)."""
+        self._fused_weight = self._fused_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / half / to_empty / share_memory ... replace each parameter's data separately,
+        # which would leave the fused tensor stale: fuse again from the converted parameters.
+        fused = self._fused_weight is not None
+        super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
+        return self
+
+    def __getstate__(self):
+        # copy.deepcopy / pickle: Parameter.__deepcopy__ clones each parameter on its own, so a copied
+        # fused tensor would not be what the copy's parameters share; rebuild it in __setstate__.
+        state = super().__getstate__()
+        state["_refuse_on_setstate"] = state.pop("_fused_weight") is not None
+        state["_fused_weight"] = state["_fused_bias"] = None
+        return state
+
+    def __setstate__(self, state):
+        refuse = state.pop("_refuse_on_setstate", False)
+        super().__setstate__(state)
+        if refuse:
+            self.fuse_projections()
+
+    # -- forward --------------------------------------------------------------------------------
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
+    def _fused_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused weight and bias; concatenated afresh from the parameters when autograd must
+        reach them (training), or while torch.jit traces (ONNX export): the tracer takes only
+        parameters and buffers as weights (initializers) and would bake a plain tensor attribute into
+        the graph as a Constant node; the Concat of initializers is constant-folded into one."""
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and self.to_k.weight.requires_grad):
+            linears = self._fused_linears()
+            bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+            return torch.cat([m.weight for m in linears]), bias
+        return self._fused_weight, self._fused_bias
+
+    def _split_fused(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """One GEMM against the fused weight, (B, L, n * inner) -> n views (B, H, L, D)."""
+        y = F.linear(x, *self._fused_params())
+        return y.unflatten(-1, (n, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+        fused = self._fused_weight is not None
+        if fused and self.is_cross_attention and context is not None:
+            q = self._split_heads(self.to_q(x))
+            k, v = self._split_fused(context, 2)
+        elif fused and not self.is_cross_attention and context is None:
+            q, k, v = self._split_fused(x, 3)
+        else:  # unfused, or a context handed to a self-attention module
+            context = x if context is None else context
+            q = self._split_heads(self.to_q(x))
+            k = self._split_heads(self.to_k(context))
+            v = self._split_heads(self.to_v(context))
         out = ops.attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)
         return self.to_out[0](out)
