@@ -1,11 +1,13 @@
 """generate() with one ControlNet: the real SD1.5 U-Net and ControlNet (canny) architectures, random weights.
 
 Measures what a ControlNet adds per generate(): end-to-end latency (host clock, output_type="latent" so
-the unchanged VAE decode does not drown the difference), the per-step ControlNet and U-Net times from
+the unchanged VAE decode does not drown the difference), the process CPU time (with --threads 1: the
+work done, which time-sharing with other jobs hardly changes; wall time on a busy CPU does), the per-step ControlNet and U-Net times from
 result.timings, and the hint embedding alone (ControlNetConditioningEmbedding on one control image).
 Uses only the public API, so the same script measures any commit (PYTHONPATH=<checkout>).
 
     python benchmarks/bench_controlnet.py --size 256 --steps 3 --runs 3 --call-ab   # CPU, fp32, CFG 7.5, Euler
+    python benchmarks/bench_controlnet.py --threads 1 --runs 5 --generate-ab      # once vs every step, one process
     python benchmarks/bench_controlnet.py --size 512 --device cuda --dtype fp16 --runs 10
     python benchmarks/bench_controlnet.py --tiny --size 256 --steps 3 --runs 10  # embedding-heavy toy (upper bound)
 
@@ -96,6 +98,45 @@ def controlnet_call_ab_ms(engine, size: int, device, dtype, runs: int) -> dict |
     return {name: min(v) for name, v in ms.items()}
 
 
+class _PixelsOnly:
+    """A ControlNet seen without embed_hint: prepare_controls hands it the pixels, so every call embeds
+    the hint again, on the guidance-doubled batch (the engine's path before embed_hint; still the one
+    of exported ControlNets)."""
+
+    def __init__(self, net):
+        self.net, self.config = net, net.config
+
+    def __call__(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+
+def generate_ab_ms(engine, kw: dict, runs: int) -> dict | None:
+    """generate() with each hint embedded once vs in every ControlNet call, alternating in this process
+    (so both see the same machine), best / median of ``runs`` each, wall and process CPU ms.
+    None on commits without pipeline/controlnet.py."""
+    try:
+        import ldm_engine.engine as engine_module
+        once = engine_module.prepare_controls
+    except AttributeError:
+        return None
+
+    def every_step(nets, *args, **kwargs):
+        return once([_PixelsOnly(n) for n in nets], *args, **kwargs)
+
+    ms = {name: {"wall": [], "cpu": []} for name in ("once", "every_step")}
+    try:
+        for _ in range(runs):
+            for name, prepare in (("once", once), ("every_step", every_step)):
+                engine_module.prepare_controls = prepare
+                t0, c0 = time.perf_counter(), time.process_time()
+                engine.generate(bp.PROMPT, **kw)
+                ms[name]["wall"].append((time.perf_counter() - t0) * 1000.0)
+                ms[name]["cpu"].append((time.process_time() - c0) * 1000.0)
+    finally:
+        engine_module.prepare_controls = once
+    return ms
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=256)
@@ -107,6 +148,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--weights-dir", type=Path, default=bp.DEFAULT_WEIGHTS_DIR)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); 1 makes "
+                   "the process CPU time a measure of work that other load on a shared machine hardly changes")
+    p.add_argument("--generate-ab", action="store_true", help="CPU: also alternate generate() with the hint "
+                   "embedded once and in every step (this commit's engine with the old per-step path), --runs each")
     p.add_argument("--tiny", action="store_true", help="the toy pipeline with an embedding-heavy ControlNet (see "
                    "TINY_CONTROLNET): where the per-step embedding dominates; not a real model")
     p.add_argument("--call-ab", action="store_true", help="also time one ControlNet call with the hint as pixels "
@@ -116,6 +161,8 @@ def main(argv=None) -> int:
     import ldm_engine
     from ldm_engine import Engine
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     spec = bp.MODELS["tiny" if args.tiny else "sd15"]
@@ -128,18 +175,20 @@ def main(argv=None) -> int:
               num_inference_steps=args.steps, guidance_scale=args.guidance, seed=0, output_type="latent")
 
     engine.generate(bp.PROMPT, **kw)  # warm-up (allocator, oneDNN / cuDNN algorithm choice)
-    totals, cn_steps, unet_steps, others = [], [], [], []
+    totals, cpu, cn_steps, unet_steps, others = [], [], [], [], []
     for _ in range(args.runs):
         common.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = engine.generate(bp.PROMPT, **kw)
         common.synchronize(device)
         totals.append((time.perf_counter() - t0) * 1000.0)
+        cpu.append((time.process_time() - c0) * 1000.0)
         cn_steps.append(res.timings["controlnet"])
         unet_steps.append(res.timings["unet"])
         others.append({k: v for k, v in res.timings.items() if k not in ("controlnet", "unet")})
     embed_ms = hint_embedding_ms(engine.controlnets[0], args.size, device, dtype, args.runs)
     call_ab = controlnet_call_ab_ms(engine, args.size, device, dtype, args.runs) if args.call_ab else None
+    gen_ab = generate_ab_ms(engine, kw, args.runs) if args.generate_ab and device.type == "cpu" else None
 
     out = {
         "ldm_engine": str(Path(ldm_engine.__file__).parent), "commit": common.git_commit(
@@ -147,13 +196,17 @@ def main(argv=None) -> int:
         "model": "tiny" if args.tiny else "sd15", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "size": args.size,
         "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
         "total_ms": totals, "total_best_ms": min(totals), "total_median_ms": statistics.median(totals),
+        "process_cpu_ms": cpu, "process_cpu_best_ms": min(cpu),
         "controlnet_step_ms": cn_steps, "unet_step_ms": unet_steps, "other_timings_ms": others,
         "hint_embedding_ms_best": embed_ms, "controlnet_call_best_ms": call_ab,
+        "generate_ab_ms": gen_ab,
     }
     print(f"{'tiny' if args.tiny else 'sd15'} + ControlNet; ldm_engine from {out['ldm_engine']} ({out['commit'].get('commit', '?')[:7]}), {device}, {args.dtype}, "
           f"{out['threads']} threads, {args.size}x{args.size}, {args.steps} steps, CFG {args.guidance}")
     print(f"generate() total ms: best {min(totals):.0f}, median {statistics.median(totals):.0f}  "
           f"(runs: {', '.join(f'{t:.0f}' for t in totals)})")
+    print(f"generate() process CPU ms: best {min(cpu):.0f}, median {statistics.median(cpu):.0f}  "
+          f"(runs: {', '.join(f'{t:.0f}' for t in cpu)})")
     best = min(range(len(totals)), key=totals.__getitem__)
     extra = others[best]
     print(f"  best run: controlnet per step {[round(v) for v in cn_steps[best]]} ms, "
@@ -163,6 +216,11 @@ def main(argv=None) -> int:
     if call_ab:
         print(f"one guided ControlNet call (batch 2), best of {args.runs}: hint as pixels {call_ab['pixels']:.0f} ms, "
               f"as features {call_ab['features']:.0f} ms")
+    if gen_ab:
+        for name, v in gen_ab.items():
+            print(f"generate() with the hint embedded {name.replace('_', ' ')}: wall best {min(v['wall']):.0f} / "
+                  f"median {statistics.median(v['wall']):.0f} ms, CPU best {min(v['cpu']):.0f} / "
+                  f"median {statistics.median(v['cpu']):.0f} ms")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -321,6 +321,27 @@ def test_each_control_image_is_embedded_once_per_generate(paths, hints, pooled_c
             h.remove()
 
 
+def test_controlnet_without_embed_hint_gets_the_pixels_every_step(paths, hints):
+    """A network without embed_hint (an exported ONNX / TensorRT ControlNet takes pixels) gets the control
+    image in every call, doubled for guidance: the same images as the hint embedded once."""
+    engine = Engine.from_pretrained(paths["sd15"], controlnet=paths["controlnet-sd"])
+    net, batches = engine.controlnets[0], []
+
+    class PixelsOnly:
+        config = net.config
+
+        def __call__(self, *args, **kwargs):
+            batches.append(kwargs["controlnet_cond"].shape)
+            return net(*args, **kwargs)
+
+    pixels_only = Engine(engine.components, [PixelsOnly()], scheduler=engine.scheduler)
+    kw = dict(control_image=hints[0], num_inference_steps=2, guidance_scale=5.0, height=32, width=32, seed=3,
+              output_type="np")
+    r = pixels_only.generate(PROMPT, **kw)
+    assert batches == [(2, 3, 32, 32)] * len(r.timings["unet"])
+    np.testing.assert_allclose(r.images, engine.generate(PROMPT, **kw).images, rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- engine behaviour
 def test_seed_reproducible_and_latents_override(sd_turbo):
     _, engine = sd_turbo
