@@ -320,7 +320,7 @@ def _fuse_rows(params: list[nn.Parameter]) -> torch.Tensor:
     return fused
 
 
-def _refuse_after_load(module: "Attention", incompatible_keys) -> None:
+def _fuse_again_after_load(module: "Attention", incompatible_keys) -> None:
     # load_state_dict(assign=True) puts new tensors into the parameters: fuse again. A plain load
     # copies into the parameters (the fused tensor's rows): nothing to do.
     if module._fused_weight is not None:
@@ -361,7 +361,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # diffusers: [Linear, Dropout]
         self._fused_weight: torch.Tensor | None = None
         self._fused_bias: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(_refuse_after_load)
+        self.register_load_state_dict_post_hook(_fuse_again_after_load)
         self.fuse_projections()
 
     # -- fusing ---------------------------------------------------------------------------------
@@ -415,14 +415,14 @@ class Attention(nn.Module):
         # copy.deepcopy / pickle: Parameter.__deepcopy__ clones each parameter on its own, so a copied
         # fused tensor would not be what the copy's parameters share; rebuild it in __setstate__.
         state = super().__getstate__()
-        state["_refuse_on_setstate"] = state.pop("_fused_weight") is not None
+        state["_fuse_again_on_setstate"] = state.pop("_fused_weight") is not None
         state["_fused_weight"] = state["_fused_bias"] = None
         return state
 
     def __setstate__(self, state):
-        refuse = state.pop("_refuse_on_setstate", False)
+        fuse_again = state.pop("_fuse_again_on_setstate", False)
         super().__setstate__(state)
-        if refuse:
+        if fuse_again:
             self.fuse_projections()
 
     # -- forward --------------------------------------------------------------------------------

@@ -103,8 +103,8 @@ def vae_needs_fp32(family: str, vae_config) -> bool:
 def vae_dtype_for(family: str, vae_config, engine_dtype, requested=None):
     """The VAE's dtype: ``requested`` when given (``vae_dtype=``), else the engine's, except fp32 where
     ``vae_needs_fp32`` says so. bf16 has fp32's exponent range, so it is the half type that cannot
-    overflow where fp16 does (the SDXL VAE): half the fp32 decoder's cost on GPUs with bf16 tensor cores,
-    at bf16's 8-bit mantissa (compare: benchmarks/bench_pipeline.py --model sdxl-turbo, +bf16_vae).
+    overflow where fp16 does (the SDXL VAE): half the fp32 decoder's cost on GPUs with bf16 tensor cores
+    (expected, not yet measured: there is no benchmark variant for it), at bf16's 8-bit mantissa.
     Any overflow left is caught after decoding (pipeline/finite.py: decoded again in fp32)."""
     import torch
 
